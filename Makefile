@@ -1,0 +1,59 @@
+# scratchlm: `make lab` to learn, `make test` to check everything, `make help` for the rest.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+JOBS   ?= 2
+# `make test` executes every notebook at the seconds-scale profile unless you say otherwise
+SCRATCHLM_PROFILE ?= ci
+export SCRATCHLM_PROFILE
+
+.PHONY: help lab test lint export check-export unit notebooks execute bench clean
+
+help:
+	@echo "make lab      set up .venv and open JupyterLab on the course"
+	@echo "make test     set up .venv, then lint, export check, unit tests and every notebook under nbval"
+	@echo "make export   rewrite scratchlm/ from the notebooks (after you edit one)"
+	@echo "make execute NB=notebooks/01_tokenizer/01_characters_and_bigram.ipynb   run one notebook in place"
+	@echo "make bench    print the benchmark tables"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+
+$(VENV)/.course: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e '.[course]'
+	touch $@
+
+$(VENV)/.dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $@ $(VENV)/.course
+
+lab: $(VENV)/.course
+	$(BIN)/jupyter lab notebooks/
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check scratchlm tests tools benchmarks notebooks conftest.py
+
+export: $(VENV)/.dev
+	$(BIN)/python tools/export.py
+
+check-export: $(VENV)/.dev
+	$(BIN)/python tools/export.py --check
+
+# unit tests and strict nbval on every notebook in one pytest run; loadfile keeps a notebook on one worker
+unit-and-notebooks: $(VENV)/.dev
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(JOBS) --dist loadfile \
+	    --nbval --nbval-current-env --nbval-sanitize-with tools/nbval_sanitize.cfg tests notebooks
+
+test: lint check-export unit-and-notebooks
+
+execute: $(VENV)/.dev
+	@test -n "$(NB)" || (echo "say which notebook: make execute NB=notebooks/.../NN_name.ipynb"; exit 2)
+	SCRATCHLM_PROFILE=$(or $(PROFILE),$(shell $(BIN)/python -c "import torch;print('gpu' if torch.cuda.is_available() else 'cpu')")) \
+	    $(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=-1 $(NB)
+
+bench: $(VENV)/.dev
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

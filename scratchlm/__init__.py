@@ -1,0 +1,25 @@
+"""scratchlm: modern LLMs built from scratch in PyTorch.
+
+The modules of this package are exported from the course notebooks (`notebooks/`); each says which
+notebook it comes from. This file is hand-written: it only names the entry points, and imports
+each one when it is first used, so `import scratchlm` stays fast.
+"""
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_ENTRY_POINTS = {
+    "tinyshakespeare": "scratchlm.data",
+    "get_profile": "scratchlm.data",
+    "by_profile": "scratchlm.data",
+}
+
+__all__ = sorted(_ENTRY_POINTS)
+
+
+def __getattr__(name):
+    if name in _ENTRY_POINTS:
+        import importlib
+
+        return getattr(importlib.import_module(_ENTRY_POINTS[name]), name)
+    raise AttributeError(f"module 'scratchlm' has no attribute {name!r}")
