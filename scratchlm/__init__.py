@@ -12,7 +12,14 @@ _ENTRY_POINTS = {
     "tinyshakespeare": "scratchlm.data",
     "get_profile": "scratchlm.data",
     "by_profile": "scratchlm.data",
+    "from_hf": "scratchlm.gpt",
+    "generate": "scratchlm.generation",
 }
+
+# modules that register Hugging Face architectures with `scratchlm.gpt.register_architecture`;
+# `from_hf` imports them all before it looks up a checkpoint's `model_type`. A chapter that adds
+# an architecture adds its module here.
+MODEL_MODULES = ("scratchlm.gpt",)
 
 __all__ = sorted(_ENTRY_POINTS)
 
