@@ -4,7 +4,7 @@
 __all__ = ['PROFILES', 'DATA_URL', 'DATA_SHA256', 'DATA_FILE', 'get_profile', 'by_profile', 'tinyshakespeare', 'CharTokenizer',
            'train_val_split', 'get_batch']
 
-# %% ../notebooks/01_tokenizer/01_characters_and_bigram.ipynb #fee4291f
+# %% ../notebooks/01_tokenizer/01_characters_and_bigram.ipynb #02f2b08e
 import hashlib
 import os
 import tempfile
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-# %% ../notebooks/01_tokenizer/01_characters_and_bigram.ipynb #33c785ee
+# %% ../notebooks/01_tokenizer/01_characters_and_bigram.ipynb #671a713a
 PROFILES = ("ci", "cpu", "gpu")
 
 
@@ -32,7 +32,7 @@ def by_profile(*, ci, cpu, gpu, profile: str | None = None):
     """Pick the value for the active profile: `steps = by_profile(ci=50, cpu=2000, gpu=5000)`."""
     return {"ci": ci, "cpu": cpu, "gpu": gpu}[profile or get_profile()]
 
-# %% ../notebooks/01_tokenizer/01_characters_and_bigram.ipynb #d1336c20
+# %% ../notebooks/01_tokenizer/01_characters_and_bigram.ipynb #42aa9c7a
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DATA_FILE = "tinyshakespeare.txt"
@@ -108,7 +108,7 @@ def tinyshakespeare(url: str = DATA_URL) -> str:
         ) from err
     return _checked_text(dest)
 
-# %% ../notebooks/01_tokenizer/01_characters_and_bigram.ipynb #1ccfee5d
+# %% ../notebooks/01_tokenizer/01_characters_and_bigram.ipynb #3141c068
 class CharTokenizer:
     """Character-level tokenizer: one id per distinct character, ids in sorted character order.
 
@@ -148,7 +148,7 @@ class CharTokenizer:
             raise ValueError(f"ids out of range 0..{len(self.chars) - 1}: {bad[:10]}")
         return "".join(self.chars[i] for i in ids)
 
-# %% ../notebooks/01_tokenizer/01_characters_and_bigram.ipynb #5caf3571
+# %% ../notebooks/01_tokenizer/01_characters_and_bigram.ipynb #0ee0c023
 def train_val_split(data: torch.Tensor, train_fraction: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `train_fraction` of a 1-D tensor of ids for training, the rest for validation."""
     if data.dim() != 1:
