@@ -1,0 +1,137 @@
+"""The scratchlm command line: train a chapter model on TinyShakespeare, sample from a checkpoint.
+
+    python -m scratchlm train --model gpt --profile cpu --out runs/shakespeare-char
+    python -m scratchlm train --out runs/shakespeare-char --resume
+    python -m scratchlm sample runs/shakespeare-char --prompt "ROMEO:" --max-new-tokens 300 --seed 1
+
+Training uses the same code and settings as notebook 03_gpt/03_training (`scratchlm.train`,
+`shakespeare_char_config`) and saves a checkpoint folder every evaluation and at the end; the folder
+holds the tokenizer, so sampling needs no data file. This file is hand-written (it has no notebook).
+"""
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+# the models the command line can train; scratchlm.train.MODEL_REGISTRY says how to build each
+MODELS = ("gpt",)
+
+
+def train(args: argparse.Namespace) -> None:
+    import torch
+
+    from scratchlm.data import get_profile
+    from scratchlm.train import (
+        TRAIN_STATE,
+        Trainer,
+        build_model,
+        shakespeare_char_config,
+        shakespeare_char_data,
+    )
+
+    out = Path(args.out)
+    overrides = {"out_dir": str(out)}
+    if args.steps is not None:
+        overrides["max_steps"] = args.steps
+    if args.device is not None:
+        overrides["device"] = args.device
+    if args.compile is not None:
+        overrides["compile"] = args.compile
+    tokenizer, train_data, val_data = shakespeare_char_data()
+    if args.resume:
+        if not (out / TRAIN_STATE).is_file():
+            raise FileNotFoundError(f"--resume: {out} holds no checkpoint ({TRAIN_STATE} is missing); "
+                                    f"drop --resume to start a new run there")
+        trainer = Trainer.from_checkpoint(out, train_data, val_data, **overrides)
+        if args.model != trainer.model_name:
+            raise ValueError(f"--model {args.model}, but the checkpoint in {out} holds a {trainer.model_name!r} model")
+        print(f"resuming {out} at step {trainer.step} of {trainer.cfg.max_steps}")
+        if trainer.step >= trainer.cfg.max_steps:
+            print(f"already trained for max_steps={trainer.cfg.max_steps}; pass --steps N to train longer")
+    else:
+        if (out / TRAIN_STATE).is_file():
+            raise FileExistsError(f"{out} already holds a checkpoint: pass --resume to continue it, "
+                                  f"or choose another --out")
+        profile = args.profile or get_profile()
+        model_config, cfg = shakespeare_char_config(profile, tokenizer.vocab_size)
+        cfg = replace(cfg, checkpoint_interval=cfg.eval_interval, **overrides)
+        torch.manual_seed(cfg.seed)
+        model = build_model(args.model, model_config)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"profile {profile}: {args.model} with {n_params:,} parameters {model_config}")
+        print(f"{cfg.max_steps} steps of {cfg.batch_size * cfg.grad_accum_steps} x {cfg.block_size} tokens, "
+              f"lr {cfg.lr} -> {cfg.min_lr}; checkpoints in {out}")
+        trainer = Trainer(model, cfg, train_data, val_data, model_name=args.model, model_config=model_config,
+                          tokenizer=tokenizer)
+    trainer.fit(progress=not args.quiet)
+    final = trainer.history["eval"][-1]
+    print(f"step {trainer.step}: train loss {final['train']:.4f}, val loss {final['val']:.4f} "
+          f"(evaluated at step {final['step']}); {trainer.elapsed:.0f} s of training; checkpoint in {out}")
+    print(f"sample from it: python -m scratchlm sample {out}")
+
+
+def sample(args: argparse.Namespace) -> None:
+    import torch
+
+    from scratchlm.generation import generate
+    from scratchlm.train import load_model, load_tokenizer, resolve_device
+
+    device = resolve_device(args.device or "auto")
+    model = load_model(args.checkpoint, device)
+    tokenizer = load_tokenizer(args.checkpoint)
+    prompt = args.prompt.replace("\\n", "\n")  # so a shell can pass a newline as \n
+    if not prompt:
+        raise ValueError("--prompt is empty; give at least one character, e.g. --prompt '\\n'")
+    ids = torch.tensor([tokenizer.encode(prompt)], device=device)  # (1, T)
+    torch.manual_seed(args.seed)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    out = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, generator=generator)
+    print(tokenizer.decode(out[0].tolist()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scratchlm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,sample}")
+
+    t = commands.add_parser("train", help="train a model on TinyShakespeare (characters)")
+    t.add_argument("--model", default="gpt", choices=MODELS, help="which chapter's model (default: gpt)")
+    t.add_argument("--profile", choices=("ci", "cpu", "gpu"),
+                   help="run size (default: SCRATCHLM_PROFILE, else gpu with CUDA and cpu without)")
+    t.add_argument("--out", required=True, help="checkpoint folder to write (and to read with --resume)")
+    t.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly where it stopped")
+    t.add_argument("--steps", type=int, help="override max_steps (on --resume this also stretches the schedule)")
+    t.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on for the gpu profile)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(run=train)
+
+    s = commands.add_parser("sample", help="generate text from a checkpoint folder")
+    s.add_argument("checkpoint", help="checkpoint folder written by `scratchlm train`")
+    s.add_argument("--prompt", default="\n", help="text to continue; \\n is a newline (default: a newline)")
+    s.add_argument("--max-new-tokens", type=int, default=500)
+    s.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
+    s.add_argument("--top-k", type=int, default=200)
+    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--seed", type=int, default=1337)
+    s.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    s.set_defaults(run=sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (FileNotFoundError, FileExistsError, ValueError, TypeError) as err:
+        parser.exit(2, f"scratchlm {args.command}: error: {err}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "\ninterrupted; the last checkpoint written is in place (continue it with --resume)\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

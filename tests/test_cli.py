@@ -1,0 +1,93 @@
+"""The command line, `python -m scratchlm`: train (ci profile) and sample end to end, resume, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from scratchlm.__main__ import main
+from scratchlm.train import MODEL_CONFIG, OPTIMIZER, TOKENIZER, TRAIN_STATE, WEIGHTS
+
+
+def run_cli(*args, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "scratchlm", *args], capture_output=True, text=True, env=env,
+                            timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A ci-profile run of the command line, in a subprocess."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    result = run_cli("train", "--model", "gpt", "--profile", "ci", "--out", str(out), "--quiet")
+    return out, result
+
+
+def test_train_writes_a_complete_checkpoint(trained):
+    out, result = trained
+    assert sorted(p.name for p in out.iterdir()) == sorted([WEIGHTS, MODEL_CONFIG, TOKENIZER, TRAIN_STATE, OPTIMIZER])
+    state = json.loads((out / TRAIN_STATE).read_text())
+    evals = state["history"]["eval"]
+    assert state["step"] == 40 and evals[-1]["step"] == 40 and evals[-1]["val"] < evals[0]["val"] - 0.7
+    assert f"val loss {evals[-1]['val']:.4f}" in result.stdout
+    assert json.loads((out / MODEL_CONFIG).read_text())["model"] == "gpt"
+
+
+def test_sample_continues_the_prompt_and_is_repeatable(trained, capsys):
+    out, _ = trained
+    args = ["sample", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "30", "--temperature", "0.8",
+            "--top-k", "20", "--seed", "7"]
+    text = run_cli(*args).stdout
+    assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 30 + 1  # print's newline
+    main(args)  # in process this time: the same seed gives the same text
+    assert capsys.readouterr().out == text
+    main(["sample", str(out), "--prompt", "\\n", "--max-new-tokens", "10", "--temperature", "0"])
+    greedy = capsys.readouterr().out
+    assert greedy.startswith("\n") and len(greedy) == 1 + 10 + 1
+
+
+def test_resume_continues_to_more_steps(trained, tmp_path, capsys):
+    out, _ = trained
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for p in out.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    main(["train", "--out", str(copy), "--resume", "--steps", "44", "--quiet"])
+    printed = capsys.readouterr().out
+    assert "resuming" in printed and "at step 40 of 44" in printed
+    state = json.loads((copy / TRAIN_STATE).read_text())
+    assert state["step"] == 44 and len(state["history"]["train_loss"]) == 44
+
+
+def test_errors_say_what_to_do(trained, tmp_path, capsys):
+    out, _ = trained
+    with pytest.raises(SystemExit) as exit_:
+        main(["sample", str(tmp_path / "nowhere")])
+    assert exit_.value.code == 2 and "does not exist; train one first" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit):
+        main(["train", "--profile", "ci", "--out", str(out)])
+    assert "already holds a checkpoint: pass --resume" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit):
+        main(["train", "--profile", "ci", "--out", str(tmp_path / "empty"), "--resume"])
+    assert "holds no checkpoint" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--model", "llama", "--out", str(tmp_path / "x")])
+    assert exit_.value.code == 2 and "invalid choice: 'llama'" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit):
+        main(["sample", str(out), "--prompt", "café"])
+    assert "characters not in the vocabulary" in capsys.readouterr().err
+
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / WEIGHTS).write_bytes((out / WEIGHTS).read_bytes())
+    with pytest.raises(SystemExit):
+        main(["sample", str(tmp_path / "half")])
+    assert "is missing model_config.json" in capsys.readouterr().err

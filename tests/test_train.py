@@ -1,0 +1,331 @@
+"""scratchlm.train: schedule, optimizer groups, accumulation, checkpoints, exact resume, profiles, errors."""
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+from scratchlm.data import get_batch
+from scratchlm.gpt import GPT, GPTConfig
+from scratchlm.train import (
+    OPTIMIZER,
+    TRAIN_STATE,
+    WEIGHTS,
+    TrainConfig,
+    Trainer,
+    accumulate_gradients,
+    build_model,
+    configure_optimizer,
+    estimate_loss,
+    load_model,
+    load_tokenizer,
+    load_weights,
+    lr_at,
+    next_token_loss,
+    save_weights,
+    shakespeare_char_config,
+    shakespeare_char_data,
+)
+
+TINY_GPT = dict(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.1, bias=True)
+
+
+@pytest.fixture(scope="module")
+def shakespeare():
+    return shakespeare_char_data()
+
+
+def tiny_cfg(**changes) -> TrainConfig:
+    base = TrainConfig(batch_size=4, block_size=16, grad_accum_steps=2, max_steps=8, lr=3e-3, min_lr=3e-4,
+                       warmup_steps=2, eval_interval=3, eval_iters=2, device="cpu")
+    return replace(base, **changes)
+
+
+class TinyLM(nn.Module):
+    """A stand-in that is not a GPT: embedding, LayerNorm with bias, dropout, an untied biased head."""
+
+    def __init__(self, vocab_size=65, width=16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab_size, width)
+        self.norm = nn.LayerNorm(width)
+        self.mix = nn.Linear(width, width)
+        self.drop = nn.Dropout(0.2)
+        self.head = nn.Linear(width, vocab_size)
+
+    def forward(self, input_ids):
+        h = self.drop(torch.relu(self.mix(self.norm(self.emb(input_ids)))))  # (B, T, C)
+        return self.head(h)  # (B, T, V)
+
+
+def gpt_trainer(shakespeare, cfg=None, seed=0, **model_changes):
+    tok, train_data, val_data = shakespeare
+    model_config = {**TINY_GPT, **model_changes}
+    torch.manual_seed(seed)
+    return Trainer(GPT(GPTConfig(**model_config)), cfg or tiny_cfg(), train_data, val_data, model_name="gpt",
+                   model_config=model_config, tokenizer=tok, verbose=False)
+
+
+# ---------------------------------------------------------------- learning-rate schedule
+
+
+def torch_schedule(cfg: TrainConfig, steps: int) -> list[float]:
+    """The same schedule from PyTorch's own schedulers: LinearLR warmup, then CosineAnnealingLR."""
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    decay = cfg.lr_decay_steps or cfg.max_steps
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=decay - cfg.warmup_steps, eta_min=cfg.min_lr)
+    if cfg.warmup_steps:
+        warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / cfg.warmup_steps, end_factor=1.0,
+                                                   total_iters=cfg.warmup_steps - 1)
+        cosine = torch.optim.lr_scheduler.SequentialLR(opt, [warmup, cosine], milestones=[cfg.warmup_steps])
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        cosine.step()
+    return lrs
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("changes", [{}, {"warmup_steps": 0}, {"warmup_steps": 1}, {"lr_decay_steps": 1200},
+                                     {"lr": 6e-4, "min_lr": 0.0, "warmup_steps": 37, "max_steps": 500}])
+def test_lr_schedule_matches_pytorch_schedulers(changes):
+    cfg = replace(TrainConfig(), **changes)
+    decay = cfg.lr_decay_steps or cfg.max_steps
+    theirs = torch_schedule(cfg, decay + 1)
+    ours = [lr_at(s, cfg) for s in range(decay + 1)]
+    assert max(abs(a - b) for a, b in zip(ours, theirs, strict=True)) < 1e-12
+    # after the decay ends it stays at min_lr (where CosineAnnealingLR would climb back up)
+    assert all(lr_at(s, cfg) == cfg.min_lr for s in range(decay + 1, cfg.max_steps + 50))
+
+
+def test_lr_schedule_closed_form_points():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=100, max_steps=2000)
+    assert lr_at(0, cfg) == pytest.approx(1e-5)
+    assert lr_at(99, cfg) == pytest.approx(1e-3)
+    assert lr_at(1050, cfg) == pytest.approx((1e-3 + 1e-4) / 2)  # half way through the cosine
+    assert lr_at(2000, cfg) == pytest.approx(1e-4)
+
+
+# ---------------------------------------------------------------- optimizer groups
+
+
+def test_weight_decay_groups_on_gpt(capsys):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY_GPT))
+    opt = configure_optimizer(model, weight_decay=0.1, lr=1e-3)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = ({name_of[id(p)] for p in g["params"]} for g in opt.param_groups)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    # embeddings (the token table is tied to lm_head) and every 1-D tensor: no decay
+    assert no_decay == {"transformer.wte.weight", "transformer.wpe.weight"} | {
+        n for n, p in model.named_parameters() if p.dim() == 1}
+    assert any(n.endswith(".bias") for n in no_decay) and any(".ln_" in n for n in no_decay)
+    assert decay == {n for n, p in model.named_parameters() if p.dim() == 2} - no_decay
+    assert all(n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) for n in decay)
+    assert len(decay) + len(no_decay) == len(list(model.parameters()))  # the tied tensor once
+    printed = capsys.readouterr().out
+    n_decay = sum(p.numel() for p in opt.param_groups[0]["params"])
+    assert f"on {len(decay)} tensors ({n_decay:,} parameters)" in printed
+
+
+def test_weight_decay_groups_by_module_type_not_name():
+    model = TinyLM()
+    opt = configure_optimizer(model, weight_decay=0.1, lr=1e-3, verbose=False)
+    decay, no_decay = ({id(p) for p in g["params"]} for g in opt.param_groups)
+    assert decay == {id(model.mix.weight), id(model.head.weight)}
+    assert no_decay == {id(p) for p in (model.emb.weight, model.norm.weight, model.norm.bias, model.mix.bias,
+                                         model.head.bias)}
+
+
+# ---------------------------------------------------------------- accumulation, clipping, evaluation
+
+
+def test_accumulated_gradient_equals_big_batch(shakespeare):
+    _, train_data, _ = shakespeare
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**TINY_GPT, "dropout": 0.0}))
+    x, y = get_batch(train_data, 16, 12, torch.Generator().manual_seed(0))
+    big = next_token_loss(model(x), y)
+    big.backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    for micro_batches in (2, 3, 4):
+        model.zero_grad()
+        loss = accumulate_gradients(model, x, y, micro_batches)
+        assert loss.item() == pytest.approx(big.item(), abs=1e-6)
+        for p, g in zip(model.parameters(), reference, strict=True):
+            torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="does not split into 5"):
+        accumulate_gradients(model, x, y, 5)
+
+
+def test_trainer_step_with_accumulation_equals_big_batch_step(shakespeare):
+    """The trainer draws a step's sequences at once, so 4 x 4 and 1 x 16 see the same data."""
+    weights, losses = [], []
+    for accum, batch in ((4, 4), (1, 16)):
+        trainer = gpt_trainer(shakespeare, tiny_cfg(grad_accum_steps=accum, batch_size=batch), dropout=0.0)
+        losses.append(trainer.train_step())
+        weights.append(torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    torch.testing.assert_close(weights[0], weights[1], atol=1e-6, rtol=0)
+
+
+def test_recorded_grad_norm_is_the_norm_before_clipping(shakespeare):
+    _, train_data, _ = shakespeare
+    trainer = gpt_trainer(shakespeare, tiny_cfg(grad_clip=1e-3), dropout=0.0)
+    reference = GPT(GPTConfig(**{**TINY_GPT, "dropout": 0.0}))
+    reference.load_state_dict(trainer.model.state_dict())
+    x, y = get_batch(train_data, 16, 8, torch.Generator().manual_seed(trainer.cfg.seed))  # the trainer's draw
+    next_token_loss(reference(x), y).backward()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters()])).item()
+    trainer.train_step()
+    assert trainer.history["grad_norm"][0] == pytest.approx(norm, rel=1e-4)
+    assert norm > 1e-3  # so it was clipped
+
+
+def test_estimate_loss_is_repeatable_and_keeps_train_mode(shakespeare):
+    _, train_data, val_data = shakespeare
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY_GPT)).train()
+    splits = {"train": train_data, "val": val_data}
+    a = estimate_loss(model, splits, 16, 4, iters=3, seed=5)
+    b = estimate_loss(model, splits, 16, 4, iters=3, seed=5)
+    assert a == b and model.training
+    assert abs(a["val"] - math.log(65)) < 0.3  # an untrained model is close to a uniform guess
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_save_load_gives_identical_logits_and_keeps_tying(shakespeare, tmp_path):
+    trainer = gpt_trainer(shakespeare)
+    trainer.fit(until=3, progress=False)
+    trainer.save(tmp_path)
+    with safe_open(str(tmp_path / WEIGHTS), "pt") as f:
+        stored = set(f.keys())
+        assert json.loads(f.metadata()["tied"]) == {"lm_head.weight": "transformer.wte.weight"}
+    assert "lm_head.weight" not in stored and "transformer.wte.weight" in stored
+    loaded = load_model(tmp_path)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight and not loaded.training
+    x = torch.randint(0, 65, (3, 16))
+    trainer.model.eval()
+    with torch.no_grad():
+        assert torch.equal(trainer.model(x), loaded(x))
+    assert load_tokenizer(tmp_path).chars == shakespeare[0].chars
+
+
+def test_untied_weights_are_all_stored(tmp_path):
+    torch.manual_seed(0)
+    model = TinyLM()
+    save_weights(model, tmp_path / "w.safetensors")
+    other = TinyLM()
+    load_weights(other, tmp_path / "w.safetensors")
+    pairs = zip(model.state_dict().values(), other.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_resume_gives_the_same_run_bit_for_bit(shakespeare, tmp_path, dropout):
+    _, train_data, val_data = shakespeare
+    straight = gpt_trainer(shakespeare, dropout=dropout).fit(progress=False)
+
+    first = gpt_trainer(shakespeare, dropout=dropout)
+    first.fit(until=5, progress=False)
+    first.save(tmp_path)
+    torch.manual_seed(12345)  # a fresh process would be somewhere else
+    resumed = Trainer.from_checkpoint(tmp_path, train_data, val_data, verbose=False)
+    assert resumed.step == 5
+    assert resumed.fit(progress=False) == straight
+    assert [e["step"] for e in straight["eval"]] == [0, 3, 6, 8]
+
+
+def test_resume_of_a_custom_model_and_periodic_checkpoints(shakespeare, tmp_path):
+    tok, train_data, val_data = shakespeare
+    cfg = tiny_cfg(out_dir=str(tmp_path), checkpoint_interval=4)
+
+    def fresh():
+        torch.manual_seed(0)
+        return TinyLM()
+
+    straight = Trainer(fresh(), replace(cfg, out_dir=None), train_data, val_data, verbose=False).fit(progress=False)
+    first = Trainer(fresh(), cfg, train_data, val_data, verbose=False)
+    first.fit(until=6, progress=False)  # saved at step 4 by checkpoint_interval, and at 6 at the end of fit
+    assert json.loads((tmp_path / TRAIN_STATE).read_text())["step"] == 6
+    with pytest.raises(ValueError, match="custom module"):
+        Trainer.from_checkpoint(tmp_path, train_data, val_data)
+    resumed = Trainer.from_checkpoint(tmp_path, train_data, val_data, model=TinyLM(), verbose=False)
+    assert resumed.fit(progress=False) == straight
+
+
+def test_ci_profile_loss_falls(shakespeare):
+    tok, train_data, val_data = shakespeare
+    model_config, cfg = shakespeare_char_config("ci", tok.vocab_size)
+    torch.manual_seed(cfg.seed)
+    trainer = Trainer(build_model("gpt", model_config), cfg, train_data, val_data, verbose=False)
+    history = trainer.fit(progress=False)
+    first, last = history["eval"][0], history["eval"][-1]
+    assert last["step"] == cfg.max_steps == len(history["train_loss"])
+    assert first["val"] > 4.0 and last["val"] < first["val"] - 0.7
+
+
+def test_profiles_follow_nanogpt():
+    (gpu_model, gpu), (cpu_model, cpu) = shakespeare_char_config("gpu"), shakespeare_char_config("cpu")
+    assert (gpu_model["n_layer"], gpu_model["n_head"], gpu_model["n_embd"], gpu_model["block_size"]) == (6, 6, 384, 256)
+    assert (gpu.batch_size, gpu.max_steps, gpu.lr, gpu.min_lr, gpu.beta2, gpu_model["dropout"]) == (
+        64, 5000, 1e-3, 1e-4, 0.99, 0.2)
+    assert (cpu_model["n_layer"], cpu_model["n_head"], cpu_model["n_embd"], cpu_model["block_size"]) == (4, 4, 128, 64)
+    assert (cpu.batch_size, cpu.max_steps, cpu.eval_iters, cpu_model["dropout"]) == (12, 2000, 20, 0.0)
+    for model_config, cfg in (shakespeare_char_config(p) for p in ("ci", "cpu", "gpu")):
+        assert cfg.block_size == model_config["block_size"]
+        GPTConfig(**model_config)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_checkpoints_are_refused_with_what_is_wrong(shakespeare, tmp_path):
+    _, train_data, val_data = shakespeare
+    with pytest.raises(FileNotFoundError, match="does not exist; train one first"):
+        load_model(tmp_path / "nowhere")
+    trainer = gpt_trainer(shakespeare)
+    trainer.fit(until=2, progress=False)
+    trainer.save(tmp_path / "ok")
+
+    (tmp_path / "ok" / OPTIMIZER).rename(tmp_path / "optimizer.bak")
+    with pytest.raises(FileNotFoundError, match="is missing optimizer.pt"):
+        Trainer.from_checkpoint(tmp_path / "ok", train_data, val_data)
+    (tmp_path / "optimizer.bak").rename(tmp_path / "ok" / OPTIMIZER)
+
+    wider = GPT(GPTConfig(**{**TINY_GPT, "n_embd": 32}))
+    with pytest.raises(ValueError, match=r"shape mismatch \(29\): lm_head.weight: file \(65, 16\), model \(65, 32\), .* and 19 more"):
+        load_weights(wider, tmp_path / "ok" / WEIGHTS)
+    deeper = GPT(GPTConfig(**{**TINY_GPT, "n_layer": 3}))
+    with pytest.raises(ValueError, match=r"missing \(\d+\): transformer.h.2"):
+        Trainer.from_checkpoint(tmp_path / "ok", train_data, val_data, model=deeper)
+    with pytest.raises(ValueError, match="unexpected"):
+        load_weights(GPT(GPTConfig(**{**TINY_GPT, "n_layer": 1})), tmp_path / "ok" / WEIGHTS)
+
+    state = json.loads((tmp_path / "ok" / TRAIN_STATE).read_text())
+    (tmp_path / "ok" / TRAIN_STATE).write_text(json.dumps({**state, "step": 7}))
+    with pytest.raises(ValueError, match="inconsistent .*interrupted while saving"):
+        Trainer.from_checkpoint(tmp_path / "ok", train_data, val_data)
+    with pytest.raises(TypeError, match="not TrainConfig fields: max_step"):
+        Trainer.from_checkpoint(tmp_path / "ok", train_data, val_data, max_step=10)
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(ValueError, match="unknown model 'llama'; scratchlm can build: gpt"):
+        build_model("llama", {})
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="min_lr <= lr"):
+        TrainConfig(lr=1e-4, min_lr=1e-3)
+    with pytest.raises(ValueError, match="warmup_steps=200 must be"):
+        TrainConfig(warmup_steps=200, max_steps=100)
+    with pytest.raises(ValueError, match="dtype='float16' is not supported"):
+        TrainConfig(dtype="float16")
+    with pytest.raises(ValueError, match="need more than block_size=64"):
+        Trainer(TinyLM(), TrainConfig(), torch.zeros(1000, dtype=torch.long), torch.zeros(10, dtype=torch.long))
