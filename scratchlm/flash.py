@@ -12,6 +12,8 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from .attention import _check_qkv  # the shape checks of notebook 02
+
 # %% ../notebooks/02_attention/03_efficient_attention.ipynb #fd7db94f
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False,
                     scale: float | None = None) -> torch.Tensor:
@@ -48,16 +50,6 @@ def online_softmax(x: torch.Tensor, block_size: int = 128) -> torch.Tensor:
     return torch.exp(x - m) / l
 
 # %% ../notebooks/02_attention/03_efficient_attention.ipynb #95d9ff1e
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() < 2:
-            raise ValueError(f"{name} must have shape (..., seq_len, head_dim), got {tuple(t.shape)}")
-    if q.size(-1) != k.size(-1):
-        raise ValueError(f"q and k must have the same head dimension, got q {tuple(q.shape)} and k {tuple(k.shape)}")
-    if k.size(-2) != v.size(-2):
-        raise ValueError(f"k and v must have the same number of positions, got k {tuple(k.shape)} and v {tuple(v.shape)}")
-
-
 def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int = 128,
                     is_causal: bool = False, scale: float | None = None) -> torch.Tensor:
     """FlashAttention-style forward: softmax(q k^T * scale) v without ever holding the (T, S) matrix.
