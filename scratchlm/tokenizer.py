@@ -5,7 +5,6 @@ __all__ = ['GPT2_SPLIT_PATTERN', 'GPT4_SPLIT_PATTERN', 'FILE_FORMAT', 'get_stats
            'BPETokenizer', 'RegexTokenizer', 'recover_merges', 'tokens_html']
 
 # %% ../notebooks/01_tokenizer/02_byte_pair_encoding.ipynb #f7e6a6e6
-import hashlib
 import heapq
 import html
 import json
