@@ -5,7 +5,7 @@ __all__ = ['HUB_FILES', 'ARCHITECTURES', 'GPTConfig', 'LayerNorm', 'MLP', 'causa
            'CheckpointMismatchError', 'load_checked', 'load_safetensors', 'resolve_checkpoint', 'register_architecture',
            'from_hf', 'gpt2_config_from_hf', 'gpt2_from_hf']
 
-# %% ../notebooks/03_gpt/01_gpt_model.ipynb #43135ba7
+# %% ../notebooks/03_gpt/01_gpt_model.ipynb #f4d5dc62
 import importlib
 import json
 import math
@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# %% ../notebooks/03_gpt/01_gpt_model.ipynb #361c5965
+# %% ../notebooks/03_gpt/01_gpt_model.ipynb #23a77ce4
 @dataclass
 class GPTConfig:
     vocab_size: int = 50257  # GPT-2's BPE vocabulary: 50,000 merges + 256 bytes + <|endoftext|>
@@ -47,7 +47,7 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
-# %% ../notebooks/03_gpt/01_gpt_model.ipynb #4d0197f2
+# %% ../notebooks/03_gpt/01_gpt_model.ipynb #35682ccb
 class LayerNorm(nn.Module):
     """LayerNorm over the last dimension with an optional bias."""
 
@@ -60,7 +60,7 @@ class LayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
-# %% ../notebooks/03_gpt/01_gpt_model.ipynb #d18228db
+# %% ../notebooks/03_gpt/01_gpt_model.ipynb #84290c00
 class MLP(nn.Module):
     """Position-wise feed-forward: widen 4x, GELU (tanh form, as GPT-2), project back."""
 
@@ -75,7 +75,7 @@ class MLP(nn.Module):
         x = self.gelu(self.c_fc(x))  # (B, T, 4C)
         return self.dropout(self.c_proj(x))  # (B, T, C)
 
-# %% ../notebooks/03_gpt/01_gpt_model.ipynb #8c731144
+# %% ../notebooks/03_gpt/01_gpt_model.ipynb #42223bad
 def causal_mask(T: int, S: int, device=None) -> torch.Tensor:
     """(T, S) boolean mask, True where a query may attend: T new queries at the end of S key positions.
 
@@ -118,7 +118,7 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
-# %% ../notebooks/03_gpt/01_gpt_model.ipynb #571b781e
+# %% ../notebooks/03_gpt/01_gpt_model.ipynb #2c681091
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
@@ -133,7 +133,7 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), cache=cache)
         return x + self.mlp(self.ln_2(x))
 
-# %% ../notebooks/03_gpt/01_gpt_model.ipynb #3fc7bbc9
+# %% ../notebooks/03_gpt/01_gpt_model.ipynb #7e09bdaf
 class GPT(nn.Module):
     """GPT-2: token + learned position embeddings, n_layer pre-norm blocks, final LayerNorm, tied output layer.
 
@@ -189,7 +189,7 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         return self.lm_head(x)  # (B, T, vocab_size)
 
-# %% ../notebooks/03_gpt/01_gpt_model.ipynb #3893312b
+# %% ../notebooks/03_gpt/01_gpt_model.ipynb #c3208290
 class CheckpointMismatchError(ValueError):
     """A checkpoint's tensors do not fit the model; `missing`, `unexpected` and `misshaped` list them."""
 
@@ -230,7 +230,7 @@ def load_checked(model: nn.Module, tensors: dict[str, torch.Tensor], source: str
             target.copy_(tensors[name])
     return model
 
-# %% ../notebooks/03_gpt/01_gpt_model.ipynb #b21241ad
+# %% ../notebooks/03_gpt/01_gpt_model.ipynb #408f00ad
 def load_safetensors(folder: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint folder: model.safetensors, or the shards listed in model.safetensors.index.json."""
     from safetensors.torch import load_file
@@ -256,7 +256,7 @@ def load_safetensors(folder: str | Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{folder} has neither model.safetensors nor model.safetensors.index.json; "
                             f"scratchlm loads weights only from safetensors.{hint}")
 
-# %% ../notebooks/03_gpt/01_gpt_model.ipynb #beb09c57
+# %% ../notebooks/03_gpt/01_gpt_model.ipynb #6de6671b
 # files a model needs, fetched from the Hub when `from_hf` is given a name instead of a folder
 HUB_FILES = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
              "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
@@ -288,7 +288,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
                                 f"download it. Pass the path of a folder with config.json and model.safetensors, "
                                 f"or connect to the internet and unset HF_HUB_OFFLINE (The Hub said: {cause})") from err
 
-# %% ../notebooks/03_gpt/01_gpt_model.ipynb #0190d207
+# %% ../notebooks/03_gpt/01_gpt_model.ipynb #79e77718
 # model_type in config.json -> function (hf_config: dict, tensors: dict) -> scratchlm model
 ARCHITECTURES: dict[str, Callable[[dict, dict], nn.Module]] = {}
 
@@ -344,7 +344,7 @@ def from_hf(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
         raise CheckpointMismatchError(f"{folder}: {err}", err.missing, err.unexpected, err.misshaped) from None
     return model.to(dtype=dtype or torch.float32).eval()
 
-# %% ../notebooks/03_gpt/01_gpt_model.ipynb #2389eb0f
+# %% ../notebooks/03_gpt/01_gpt_model.ipynb #fc5413c4
 _GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _GPT2_MASK_BUFFER = re.compile(r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)")
 
