@@ -19,7 +19,7 @@ _ENTRY_POINTS = {
 # modules that register Hugging Face architectures with `scratchlm.gpt.register_architecture`;
 # `from_hf` imports them all before it looks up a checkpoint's `model_type`. A chapter that adds
 # an architecture adds its module here.
-MODEL_MODULES = ("scratchlm.gpt",)
+MODEL_MODULES = ("scratchlm.gpt", "scratchlm.llama")
 
 __all__ = sorted(_ENTRY_POINTS)
 
