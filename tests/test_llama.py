@@ -285,3 +285,16 @@ def test_too_long_and_bad_shape_inputs():
         model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match="windows must be positive integers or None"):
         SlidingWindowCache([4, 0])
+
+
+@pytest.mark.parametrize("name", ["qwen3-head-dim-16", "gemma3-alternating"])
+def test_bfloat16_model_stays_close_to_transformers_in_bfloat16(checkpoints, name):
+    hf_model, folder = checkpoints(name)
+    ours = from_hf(folder, dtype=torch.bfloat16)
+    assert ours.embed_tokens.weight.dtype == torch.bfloat16
+    hf_bf16 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="eager").eval()
+    ids = random_ids(SIZES["vocab_size"], (2, 16))
+    with torch.no_grad():
+        a, b = ours(ids), hf_bf16(ids).logits
+    assert a.dtype == torch.bfloat16
+    assert (a.float() - b.float()).abs().max().item() < 0.05 * b.float().abs().max().item()  # bfloat16 rounding
