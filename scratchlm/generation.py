@@ -21,7 +21,10 @@ The model protocol. `generate` and `beam_search` work with any nn.Module that
 3. has `model.config.block_size`, the longest sequence it accepts. Generation keeps only the last
    block_size tokens as context; past that point the positions of the window shift every step, so the
    cache is rebuilt each step and decoding costs what recomputation costs. A model without
-   `config.block_size` has no limit.
+   `config.block_size` has no limit;
+4. optionally, `model.make_cache()` returns the cache generation should use (a sliding-window cache,
+   say); without it, generation uses a `KVCache`. Such a cache needs `seq_len`, `update` and `reset`,
+   and `reorder` for beam search.
 
 Model modules never import this one (scratchlm.gpt does not): they only call `update` and read
 `seq_len` on the object they are given. The cache is for inference under torch.no_grad().
@@ -172,6 +175,12 @@ def _block_size(model) -> int | None:
     return getattr(getattr(model, "config", None), "block_size", None)
 
 
+def _new_cache(model, max_len: int | None = None):
+    """The model's own kind of cache when it makes one (`model.make_cache()`), else a KVCache."""
+    make_cache = getattr(model, "make_cache", None)
+    return make_cache() if callable(make_cache) else KVCache(max_len=max_len)
+
+
 def _check_count(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -207,7 +216,8 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
     was_training = model.training
     model.eval()
     try:
-        cache = KVCache(max_len=min(ids.size(1) + max_new_tokens, block_size or math.inf)) if use_cache else None
+        max_len = min(ids.size(1) + max_new_tokens, block_size or math.inf)
+        cache = _new_cache(model, max_len) if use_cache else None
         done = torch.zeros(ids.size(0), dtype=torch.bool, device=ids.device)
         for _ in range(max_new_tokens):
             logits = _next_logits(model, ids, cache, block_size)  # (B, V)
@@ -245,7 +255,7 @@ def beam_search(model, input_ids, max_new_tokens: int, num_beams: int = 4, lengt
         beams = ids  # (n, T): the live hypotheses, one at first
         scores = torch.zeros(1, device=ids.device)  # (n,): their summed log-probabilities
         finished = []  # (score, ids) of hypotheses that ended with eos_token_id
-        cache = KVCache() if use_cache else None
+        cache = _new_cache(model) if use_cache else None
         for step in range(max_new_tokens):
             logprobs = F.log_softmax(_next_logits(model, beams, cache, block_size).float(), dim=-1)  # (n, V)
             V = logprobs.size(-1)

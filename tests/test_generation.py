@@ -301,3 +301,26 @@ def test_beam_search_bad_arguments():
         beam_search(tiny_gpt(), torch.zeros(2, 3, dtype=torch.long), 3)
     with pytest.raises(ValueError, match="num_beams must be an integer >= 1"):
         beam_search(tiny_gpt(), torch.tensor([1]), 3, num_beams=0)
+
+
+def test_model_may_bring_its_own_cache():
+    """A model with make_cache() gets its own kind of cache from generate and beam_search."""
+    made = []
+
+    class CountingCache(KVCache):
+        def __init__(self):
+            super().__init__()
+            self.updates = 0
+            made.append(self)
+
+        def update(self, layer_idx, *new):
+            self.updates += 1
+            return super().update(layer_idx, *new)
+
+    model = tiny_gpt()
+    model.make_cache = CountingCache
+    prompt = torch.tensor([[3, 1, 4]])
+    assert torch.equal(generate(model, prompt, 5), generate(model, prompt, 5, use_cache=False))
+    assert len(made) == 1 and made[0].updates == 5 * model.config.n_layer
+    beam_search(model, prompt, 3, num_beams=2)
+    assert len(made) == 2 and made[1].seq_len == 5  # the prompt and two of the three new tokens
