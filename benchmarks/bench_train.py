@@ -16,9 +16,10 @@ from dataclasses import replace
 
 import torch
 
-from scratchlm.train import Trainer, build_model, shakespeare_char_config, shakespeare_char_data
+from scratchlm.train import Trainer, build_model, shakespeare_char_config, shakespeare_char_data, split_loss
 
-NANOGPT_CPU_VAL_LOSS = 1.88  # nanoGPT README, the same recipe on a CPU
+NANOGPT_CPU_VAL_LOSS = 1.8857  # nanoGPT's log for the same recipe on a CPU (README: "1.88")
+NANOGPT_WHOLE_SPLIT = 1.898  # that run replayed with scratchlm for 2000 steps (notebook 03_training, exercise 5)
 TARGET = 1.89
 
 
@@ -49,7 +50,8 @@ def full_run(steps: int) -> dict:
     cfg = trainer.cfg
     tokens = steps * cfg.batch_size * cfg.grad_accum_steps * cfg.block_size
     return {"steps": steps, "wall": wall, "train_seconds": wall - eval_seconds, "tokens_per_s": tokens / (wall - eval_seconds),
-            "val": history["eval"][-1]["val"], "train": history["eval"][-1]["train"]}
+            "val": history["eval"][-1]["val"], "train": history["eval"][-1]["train"],
+            "val_exact": split_loss(trainer.model, trainer.val_data, cfg.block_size)}
 
 
 def step_throughput(steps: int = 40, warmup: int = 5, **changes) -> float:
@@ -72,13 +74,15 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"cpu profile (4 layers, 4 heads, 128 wide, context 64, batch 12), {torch.get_num_threads()} threads")
     run = full_run(args.steps)
-    print("| steps | wall time (s) | training only (s) | tokens/s | final train loss | final val loss |")
-    print("|---|---|---|---|---|---|")
+    print("| steps | wall time (s) | training only (s) | tokens/s | train loss (est.) | val loss (est.) | "
+          "val loss (whole split) |")
+    print("|---|---|---|---|---|---|---|")
     print(f"| {run['steps']} | {run['wall']:.1f} | {run['train_seconds']:.1f} | {run['tokens_per_s']:,.0f} | "
-          f"{run['train']:.4f} | {run['val']:.4f} |")
+          f"{run['train']:.4f} | {run['val']:.4f} | {run['val_exact']:.4f} |")
     if args.steps == 2000:
-        verdict = "reached" if run["val"] <= TARGET else "MISSED"
-        print(f"validation loss {run['val']:.4f}: target <= {TARGET} {verdict} (nanoGPT: {NANOGPT_CPU_VAL_LOSS})")
+        verdict = "reached" if run["val"] <= TARGET else "not reached"
+        print(f"estimated validation loss {run['val']:.4f}: target <= {TARGET} {verdict}; nanoGPT's log says "
+              f"{NANOGPT_CPU_VAL_LOSS} (a 20-batch estimate; its model scores {NANOGPT_WHOLE_SPLIT} on the whole split)")
     if args.no_variants:
         return
 

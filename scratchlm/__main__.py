@@ -28,6 +28,7 @@ def train(args: argparse.Namespace) -> None:
         build_model,
         shakespeare_char_config,
         shakespeare_char_data,
+        split_loss,
     )
 
     out = Path(args.out)
@@ -66,8 +67,11 @@ def train(args: argparse.Namespace) -> None:
                           tokenizer=tokenizer)
     trainer.fit(progress=not args.quiet)
     final = trainer.history["eval"][-1]
-    print(f"step {trainer.step}: train loss {final['train']:.4f}, val loss {final['val']:.4f} "
-          f"(evaluated at step {final['step']}); {trainer.elapsed:.0f} s of training; checkpoint in {out}")
+    exact = split_loss(trainer.model, val_data, trainer.cfg.block_size, device=trainer.device,
+                       autocast=trainer.autocast)
+    print(f"step {trainer.step}: train loss {final['train']:.4f}, val loss {final['val']:.4f} (estimates at step "
+          f"{final['step']}); val loss on the whole split {exact:.4f}; {trainer.elapsed:.0f} s of training; "
+          f"checkpoint in {out}")
     print(f"sample from it: python -m scratchlm sample {out}")
 
 

@@ -4,10 +4,10 @@
 __all__ = ['DTYPES', 'EMBEDDING_MODULES', 'MODEL_REGISTRY', 'WEIGHTS', 'MODEL_CONFIG', 'TOKENIZER', 'TRAIN_STATE', 'OPTIMIZER',
            'TrainConfig', 'shakespeare_char_config', 'shakespeare_char_data', 'lr_at', 'configure_optimizer',
            'next_token_loss', 'accumulate_gradients', 'resolve_device', 'autocast_dtype', 'autocast_context',
-           'estimate_loss', 'save_weights', 'load_weights', 'build_model', 'check_checkpoint', 'save_tokenizer',
-           'load_tokenizer', 'load_model', 'Trainer']
+           'estimate_loss', 'split_loss', 'save_weights', 'load_weights', 'build_model', 'check_checkpoint',
+           'save_tokenizer', 'load_tokenizer', 'load_model', 'Trainer']
 
-# %% ../notebooks/03_gpt/03_training.ipynb #fa693ce9
+# %% ../notebooks/03_gpt/03_training.ipynb #932b788e
 import importlib
 import json
 import math
@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .data import CharTokenizer, by_profile, get_batch, tinyshakespeare, train_val_split
 
-# %% ../notebooks/03_gpt/03_training.ipynb #656eeb5c
+# %% ../notebooks/03_gpt/03_training.ipynb #ac0877ba
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16}  # autocast dtype; None: autocast off
 
 
@@ -71,7 +71,7 @@ class TrainConfig:
         if self.grad_clip < 0 or self.checkpoint_interval < 0:
             raise ValueError("grad_clip and checkpoint_interval must be >= 0 (0 turns them off)")
 
-# %% ../notebooks/03_gpt/03_training.ipynb #a619acc5
+# %% ../notebooks/03_gpt/03_training.ipynb #3d36f9b9
 def shakespeare_char_config(profile: str | None = None, vocab_size: int = 65) -> tuple[dict, TrainConfig]:
     """(GPTConfig keyword arguments, TrainConfig) for a character-level GPT on TinyShakespeare.
 
@@ -103,7 +103,7 @@ def shakespeare_char_data() -> tuple[CharTokenizer, torch.Tensor, torch.Tensor]:
     train_data, val_data = train_val_split(torch.tensor(tokenizer.encode(text), dtype=torch.long))
     return tokenizer, train_data, val_data
 
-# %% ../notebooks/03_gpt/03_training.ipynb #fd6a109b
+# %% ../notebooks/03_gpt/03_training.ipynb #e7eb02d2
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """The learning rate of optimizer step `step` (counted from 0): linear warmup, then cosine to min_lr.
 
@@ -118,7 +118,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     progress = (step - cfg.warmup_steps) / (decay_steps - cfg.warmup_steps)  # 0 -> 1
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
-# %% ../notebooks/03_gpt/03_training.ipynb #3ba92766
+# %% ../notebooks/03_gpt/03_training.ipynb #1048a045
 EMBEDDING_MODULES = (nn.Embedding,)
 
 
@@ -143,7 +143,7 @@ def configure_optimizer(model: nn.Module, weight_decay: float, lr: float, betas:
     fused = all(p.is_cuda for p in decay + no_decay) and torch.cuda.is_available()  # one kernel for all tensors
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
 
-# %% ../notebooks/03_gpt/03_training.ipynb #2cfcff18
+# %% ../notebooks/03_gpt/03_training.ipynb #d32be12f
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of logits (B, T, V) against the next tokens (B, T), computed in float32."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
@@ -167,7 +167,7 @@ def accumulate_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mic
         total += loss.detach()
     return total
 
-# %% ../notebooks/03_gpt/03_training.ipynb #070f499d
+# %% ../notebooks/03_gpt/03_training.ipynb #0b064f64
 def resolve_device(device: str = "auto") -> torch.device:
     """`"auto"`: cuda when available, else cpu; any other name as given."""
     if device == "auto":
@@ -207,7 +207,27 @@ def estimate_loss(model: nn.Module, splits: dict[str, torch.Tensor], block_size:
     model.train(was_training)
     return out
 
-# %% ../notebooks/03_gpt/03_training.ipynb #ba4756fc
+
+@torch.no_grad()
+def split_loss(model: nn.Module, data: torch.Tensor, block_size: int, batch_size: int = 64,
+               device: str | torch.device = "cpu", autocast=nullcontext) -> float:
+    """The exact mean loss over a whole split: cut into consecutive windows of block_size, every token
+    predicted once (with 0 to block_size - 1 tokens of context, as in random windows). The last
+    partial window is left out."""
+    n = (len(data) - 1) // block_size
+    x = data[: n * block_size].view(n, block_size)  # (n, T)
+    y = data[1 : n * block_size + 1].view(n, block_size)  # (n, T): the next tokens
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for i in range(0, n, batch_size):
+        xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
+        with autocast():
+            total += next_token_loss(model(xb), yb).item() * len(xb)
+    model.train(was_training)
+    return total / n
+
+# %% ../notebooks/03_gpt/03_training.ipynb #6c6b9d08
 def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Save `model.state_dict()` as safetensors, each shared (tied) tensor once; the aliases go in the metadata."""
     tensors, tied, first_name, storages = {}, {}, {}, set()
@@ -253,7 +273,7 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
     model.load_state_dict(tensors)
     return metadata
 
-# %% ../notebooks/03_gpt/03_training.ipynb #ad5b79d9
+# %% ../notebooks/03_gpt/03_training.ipynb #771245a2
 MODEL_REGISTRY = {"gpt": ("scratchlm.gpt", "GPTConfig", "GPT")}  # name -> (module, config class, model class)
 WEIGHTS, MODEL_CONFIG, TOKENIZER, TRAIN_STATE, OPTIMIZER = (
     "model.safetensors", "model_config.json", "tokenizer.json", "train_state.json", "optimizer.pt")
@@ -310,7 +330,7 @@ def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> nn.M
     load_weights(model, ckpt_dir / WEIGHTS)
     return model.to(device).eval()
 
-# %% ../notebooks/03_gpt/03_training.ipynb #a25d4f27
+# %% ../notebooks/03_gpt/03_training.ipynb #104af9ee
 class Trainer:
     """Trains a next-token model (input ids (B, T) -> logits (B, T, V)) with the settings of a TrainConfig.
 

@@ -29,6 +29,7 @@ from scratchlm.train import (
     save_weights,
     shakespeare_char_config,
     shakespeare_char_data,
+    split_loss,
 )
 
 TINY_GPT = dict(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.1, bias=True)
@@ -90,10 +91,10 @@ def torch_schedule(cfg: TrainConfig, steps: int) -> list[float]:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("changes", [{}, {"warmup_steps": 0}, {"warmup_steps": 1}, {"lr_decay_steps": 1200},
+@pytest.mark.parametrize("changes", [{}, {"warmup_steps": 0}, {"warmup_steps": 1}, {"lr_decay_steps": 240},
                                      {"lr": 6e-4, "min_lr": 0.0, "warmup_steps": 37, "max_steps": 500}])
 def test_lr_schedule_matches_pytorch_schedulers(changes):
-    cfg = replace(TrainConfig(), **changes)
+    cfg = replace(TrainConfig(max_steps=400, warmup_steps=30), **changes)
     decay = cfg.lr_decay_steps or cfg.max_steps
     theirs = torch_schedule(cfg, decay + 1)
     ours = [lr_at(s, cfg) for s in range(decay + 1)]
@@ -195,6 +196,20 @@ def test_estimate_loss_is_repeatable_and_keeps_train_mode(shakespeare):
     b = estimate_loss(model, splits, 16, 4, iters=3, seed=5)
     assert a == b and model.training
     assert abs(a["val"] - math.log(65)) < 0.3  # an untrained model is close to a uniform guess
+
+
+def test_split_loss_predicts_every_token_once(shakespeare):
+    _, _, val_data = shakespeare
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY_GPT)).train()
+    piece = val_data[: 16 * 10 + 5]  # 10 whole windows and a partial one, which is left out
+    with torch.no_grad():
+        model.eval()
+        logp = torch.cat([torch.log_softmax(model(piece[i : i + 16][None])[0], dim=-1) for i in range(0, 160, 16)])
+    by_hand = -logp[torch.arange(160), piece[1:161]].mean().item()
+    model.train()
+    assert split_loss(model, piece, block_size=16, batch_size=3) == pytest.approx(by_hand, abs=1e-5)
+    assert model.training
 
 
 # ---------------------------------------------------------------- checkpoints
