@@ -5,7 +5,7 @@ __all__ = ['LAYER_TYPES', 'HF_DEFAULTS', 'check_rope_scaling', 'LlamaConfig', 'L
            'load_llama_tensors', 'llama_from_hf', 'SlidingWindowCache', 'Gemma3Config', 'Gemma3Block', 'Gemma3',
            'gemma3_config_from_hf', 'gemma3_from_hf']
 
-# %% ../notebooks/04_llama/04_llama_and_friends.ipynb #2779defb
+# %% ../notebooks/04_llama/04_llama_and_friends.ipynb #c7379b55
 import re
 from dataclasses import dataclass
 
@@ -17,7 +17,7 @@ from .gqa import GroupedQueryAttention
 from .layers import GatedMLP, RMSNorm
 from .rope import ROPE_TYPES, RopeScaling, RotaryEmbedding, check_head_dim
 
-# %% ../notebooks/04_llama/04_llama_and_friends.ipynb #bae35720
+# %% ../notebooks/04_llama/04_llama_and_friends.ipynb #ce0748b3
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -107,7 +107,7 @@ class LlamaConfig:
         """The sliding window of layer layer_idx, None for full attention."""
         return self.sliding_window if self.layer_types[layer_idx] == "sliding_attention" else None
 
-# %% ../notebooks/04_llama/04_llama_and_friends.ipynb #70a6cfcc
+# %% ../notebooks/04_llama/04_llama_and_friends.ipynb #90388230
 class LlamaBlock(nn.Module):
     """Pre-norm decoder layer: x + self_attn(input_layernorm(x)), then x + mlp(post_attention_layernorm(x))."""
 
@@ -127,7 +127,7 @@ class LlamaBlock(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache=cache)  # (B, T, C)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-# %% ../notebooks/04_llama/04_llama_and_friends.ipynb #251ebc54
+# %% ../notebooks/04_llama/04_llama_and_friends.ipynb #039a92ca
 class Llama(nn.Module):
     """Llama 3 and the models that are configurations of it (Mistral, Qwen2, Qwen3).
 
@@ -186,7 +186,7 @@ class Llama(nn.Module):
             x = layer(x, cos, sin, cache=cache)
         return self.output(x)
 
-# %% ../notebooks/04_llama/04_llama_and_friends.ipynb #779d3cfe
+# %% ../notebooks/04_llama/04_llama_and_friends.ipynb #6bbc2502
 # what transformers' config classes assume for a field that config.json leaves out
 HF_DEFAULTS = {
     "llama": dict(num_key_value_heads=None, head_dim=None, max_position_embeddings=2048, rms_norm_eps=1e-6,
@@ -268,7 +268,7 @@ def llama_from_hf(hf_config: dict, tensors: dict[str, torch.Tensor]) -> Llama:
     model = Llama(llama_config_from_hf(hf_config))
     return load_llama_tensors(model, tensors, source=f"the {hf_config.get('model_type', 'llama')} checkpoint")
 
-# %% ../notebooks/04_llama/04_llama_and_friends.ipynb #927d1bac
+# %% ../notebooks/04_llama/04_llama_and_friends.ipynb #0765fdd7
 class SlidingWindowCache:
     """A KV cache that keeps only the last window - 1 positions of each sliding-window layer.
 
@@ -334,7 +334,15 @@ class SlidingWindowCache:
     def __repr__(self) -> str:
         return f"SlidingWindowCache({len(self.windows)} layers, {self.seq_len} positions seen, {self.nbytes:,} bytes)"
 
-# %% ../notebooks/04_llama/04_llama_and_friends.ipynb #486b2153
+# %% ../notebooks/04_llama/04_llama_and_friends.ipynb #411a16b3
+def _llama_make_cache(self) -> SlidingWindowCache:
+    """The cache scratchlm.generate uses for this model: windowed layers keep only what their window needs."""
+    return SlidingWindowCache.for_model(self)
+
+
+Llama.make_cache = _llama_make_cache  # a method of Llama (and Gemma3), added in the cell that defines its cache
+
+# %% ../notebooks/04_llama/04_llama_and_friends.ipynb #1a3b344b
 @dataclass
 class Gemma3Config(LlamaConfig):
     """Gemma 3's text model: LlamaConfig's fields with Gemma's defaults (Gemma 3 1B), and four of its own."""
@@ -411,7 +419,7 @@ class Gemma3(Llama):
         cap = self.config.final_logit_softcapping
         return logits if cap is None else cap * torch.tanh(logits / cap)
 
-# %% ../notebooks/04_llama/04_llama_and_friends.ipynb #158c6792
+# %% ../notebooks/04_llama/04_llama_and_friends.ipynb #b7cdb016
 def gemma3_config_from_hf(hf: dict) -> Gemma3Config:
     """Gemma3Config from the config.json of a gemma3_text checkpoint."""
     d = {**HF_DEFAULTS["gemma3_text"], **{k: v for k, v in hf.items() if v is not None or k == "final_logit_softcapping"}}

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, Gemma3TextConfig, MistralConfig, 
 from transformers import LlamaConfig as HFLlamaConfig
 
 import scratchlm.llama  # noqa: F401  (registers the model types, in case scratchlm.MODEL_MODULES does not list it)
-from scratchlm.generation import KVCache, generate
+from scratchlm.generation import KVCache, beam_search, generate
 from scratchlm.gpt import CheckpointMismatchError, from_hf, load_safetensors
 from scratchlm.llama import Gemma3, Gemma3Config, Llama, LlamaConfig, SlidingWindowCache
 
@@ -147,6 +147,21 @@ def test_sliding_window_cache_matches_full_cache_and_stays_small(checkpoints, na
     if all(windows):  # nothing grows: constant once past the window
         assert len(set(sizes_seen[max(windows):])) == 1
         assert rolling.nbytes < full.nbytes
+
+
+@pytest.mark.parametrize("name", ["mistral-window-5", "gemma3-alternating"])
+def test_generate_and_beam_search_use_the_rolling_cache(checkpoints, name):
+    _, folder = checkpoints(name)
+    model = from_hf(folder)
+    assert isinstance(model.make_cache(), SlidingWindowCache)
+    prompt = random_ids(SIZES["vocab_size"], (9,), seed=3)
+    # beam search reorders the cache's rows as beams are kept or dropped
+    assert torch.equal(beam_search(model, prompt, max_new_tokens=12, num_beams=3),
+                       beam_search(model, prompt, max_new_tokens=12, num_beams=3, use_cache=False))
+    assert torch.equal(generate(model, prompt, max_new_tokens=12, temperature=1.0, top_k=20,
+                                generator=torch.Generator().manual_seed(0)),
+                       generate(model, prompt, max_new_tokens=12, temperature=1.0, top_k=20, use_cache=False,
+                                generator=torch.Generator().manual_seed(0)))
 
 
 def test_generate_crops_at_block_size(checkpoints):
