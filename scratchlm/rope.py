@@ -129,6 +129,8 @@ class RopeScaling:
         params.pop("rope_theta", None)
         legacy_type = params.pop("type", "default")  # the key's name before transformers 4.43
         rope_type = params.pop("rope_type", legacy_type)
+        if rope_type not in ROPE_TYPES:  # before looking at keys: other types bring keys we do not know
+            raise ValueError(f"rope_type={rope_type!r} is not supported; use one of {', '.join(ROPE_TYPES)}")
         partial = params.pop("partial_rotary_factor", 1.0)
         if partial != 1.0:
             raise ValueError(f"partial_rotary_factor={partial} (RoPE on part of each head) is not supported here")
@@ -136,7 +138,7 @@ class RopeScaling:
             params.setdefault("original_max_position_embeddings", max_position_embeddings)
         allowed = set(REQUIRED_KEYS.get(rope_type, ())) | set(OPTIONAL_KEYS.get(rope_type, ()))
         unused = sorted(set(params) - allowed)
-        if rope_type in ROPE_TYPES and unused:
+        if unused:
             raise ValueError(f"keys {unused} are not used by rope_type={rope_type!r}; it reads "
                              f"{', '.join(sorted(allowed)) or 'no other keys'}")
         return cls(rope_type=rope_type, **params)

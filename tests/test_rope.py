@@ -282,6 +282,8 @@ def test_bad_input_errors():
     supported = ", ".join(ROPE_TYPES)
     with pytest.raises(ValueError, match=f"rope_type='longrope' is not supported; use one of {supported}"):
         RopeScaling.from_hf({"rope_type": "longrope", "factor": 4.0})
+    with pytest.raises(ValueError, match="rope_type='longrope' is not supported"):  # with keys only longrope has
+        RopeScaling.from_hf({"rope_type": "longrope", "short_factor": [1.0], "long_factor": [2.0]})
     with pytest.raises(ValueError, match="rope_type='ntk' is not supported"):
         rope_frequencies(64, scaling={"type": "ntk", "factor": 2.0})
     with pytest.raises(ValueError, match="rope_type='llama3' needs low_freq_factor, high_freq_factor, original_max"):
