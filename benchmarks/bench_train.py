@@ -1,4 +1,4 @@
-"""Training throughput of the character-level GPT at the `cpu` profile (nanoGPT's laptop recipe).
+"""Training throughput of the character-level GPT at the `cpu` profile (nanoGPT's laptop recipe, lr 2e-3).
 
     python benchmarks/bench_train.py               # the full 2000-step cpu run, then the variants
     python benchmarks/bench_train.py --steps 200   # a quick run (the schedule shrinks to 200 steps)
