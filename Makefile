@@ -14,7 +14,7 @@ help:
 	@echo "make test     set up .venv, then lint, export check, unit tests and every notebook under nbval"
 	@echo "make export   rewrite scratchlm/ from the notebooks (after you edit one)"
 	@echo "make execute NB=notebooks/01_tokenizer/01_characters_and_bigram.ipynb   run one notebook in place"
-	@echo "make bench    print the benchmark tables"
+	@echo "make bench    print the benchmark tables (one torch thread; about 15 minutes)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,7 +53,7 @@ execute: $(VENV)/.dev
 	    $(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=-1 $(NB)
 
 bench: $(VENV)/.dev
-	$(BIN)/python benchmarks/run.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/run.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -43,6 +43,7 @@ def main() -> None:
         spec.loader.exec_module(module)
         print(f"\n## {topic}")
         start = time.perf_counter()
+        sys.argv = [str(HERE / f"bench_{topic}.py")]  # each runs with its defaults, not run.py's options
         module.main()
         print(f"({topic} took {time.perf_counter() - start:.0f} s)")
         sys.stdout.flush()
