@@ -16,10 +16,11 @@ _ENTRY_POINTS = {
     "generate": "scratchlm.generation",
 }
 
-# modules that register Hugging Face architectures with `scratchlm.gpt.register_architecture`;
-# `from_hf` imports them all before it looks up a checkpoint's `model_type`. A chapter that adds
-# an architecture adds its module here.
-MODEL_MODULES = ("scratchlm.gpt", "scratchlm.llama")
+# modules that register models: Hugging Face architectures with `scratchlm.gpt.register_architecture`
+# (`from_hf` imports them all before it looks up a checkpoint's `model_type`), and trainable models in
+# `scratchlm.train.MODEL_REGISTRY` (`build_model` imports them when it meets a name it does not know).
+# A chapter that adds a model adds its module here.
+MODEL_MODULES = ("scratchlm.gpt", "scratchlm.llama", "scratchlm.char_llama")
 
 __all__ = sorted(_ENTRY_POINTS)
 

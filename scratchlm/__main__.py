@@ -1,11 +1,12 @@
 """The scratchlm command line: train a chapter model on TinyShakespeare, sample from a checkpoint.
 
     python -m scratchlm train --model gpt --profile cpu --out runs/shakespeare-char
+    python -m scratchlm train --model llama --profile cpu --out runs/llama-char
     python -m scratchlm train --out runs/shakespeare-char --resume
     python -m scratchlm sample runs/shakespeare-char --prompt "ROMEO:" --max-new-tokens 300 --seed 1
 
 Training uses the same code and settings as notebook 03_gpt/03_training (`scratchlm.train`,
-`shakespeare_char_config`) and saves a checkpoint folder every evaluation and at the end; the folder
+`shakespeare_char_config`; for `--model llama`, the matching Llama of 04_llama/05_llama_vs_gpt) and saves a checkpoint folder every evaluation and at the end; the folder
 holds the tokenizer, so sampling needs no data file. This file is hand-written (it has no notebook).
 """
 
@@ -14,8 +15,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-# the models the command line can train; scratchlm.train.MODEL_REGISTRY says how to build each
-MODELS = ("gpt",)
+# the models the command line can train: chapter 03's GPT, and chapter 04's Llama of the same size
+# (notebook 04_llama/05_llama_vs_gpt); scratchlm.train.MODEL_REGISTRY says how to build each
+MODELS = ("gpt", "llama")
 
 
 def train(args: argparse.Namespace) -> None:
@@ -56,6 +58,10 @@ def train(args: argparse.Namespace) -> None:
                                   f"or choose another --out")
         profile = args.profile or get_profile()
         model_config, cfg = shakespeare_char_config(profile, tokenizer.vocab_size)
+        if args.model == "llama":  # the Llama with the GPT's width, depth, heads, context and parameter count
+            from scratchlm.char_llama import char_llama_config
+
+            model_config = char_llama_config(model_config)
         cfg = replace(cfg, checkpoint_interval=cfg.eval_interval, **overrides)
         torch.manual_seed(cfg.seed)
         model = build_model(args.model, model_config)

@@ -282,6 +282,11 @@ WEIGHTS, MODEL_CONFIG, TOKENIZER, TRAIN_STATE, OPTIMIZER = (
 
 def build_model(name: str, config: dict) -> nn.Module:
     """A freshly initialised model from its registry name and config dict: build_model("gpt", {...})."""
+    if name not in MODEL_REGISTRY:  # a later chapter's model: its module registers it when imported
+        import scratchlm
+
+        for model_module in scratchlm.MODEL_MODULES:
+            importlib.import_module(model_module)
     if name not in MODEL_REGISTRY:
         raise ValueError(f"unknown model {name!r}; scratchlm can build: {', '.join(sorted(MODEL_REGISTRY))}")
     module, config_class, model_class = MODEL_REGISTRY[name]

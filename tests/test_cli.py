@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from scratchlm.__main__ import main
-from scratchlm.train import MODEL_CONFIG, OPTIMIZER, TOKENIZER, TRAIN_STATE, WEIGHTS
+from scratchlm.llama import Llama
+from scratchlm.train import MODEL_CONFIG, OPTIMIZER, TOKENIZER, TRAIN_STATE, WEIGHTS, load_model
 
 
 def run_cli(*args, check=True):
@@ -79,8 +80,8 @@ def test_errors_say_what_to_do(trained, tmp_path, capsys):
     assert "holds no checkpoint" in capsys.readouterr().err
 
     with pytest.raises(SystemExit) as exit_:
-        main(["train", "--model", "llama", "--out", str(tmp_path / "x")])
-    assert exit_.value.code == 2 and "invalid choice: 'llama'" in capsys.readouterr().err
+        main(["train", "--model", "mamba", "--out", str(tmp_path / "x")])
+    assert exit_.value.code == 2 and "invalid choice: 'mamba'" in capsys.readouterr().err
 
     with pytest.raises(SystemExit):
         main(["sample", str(out), "--prompt", "café"])
@@ -91,3 +92,20 @@ def test_errors_say_what_to_do(trained, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["sample", str(tmp_path / "half")])
     assert "is missing model_config.json" in capsys.readouterr().err
+
+
+def test_llama_trains_and_samples_from_the_command_line(tmp_path, capsys):
+    """--model llama: notebook 04_llama/05's Llama, the GPT's size; sampling rebuilds it in a fresh process."""
+    out = tmp_path / "llama"
+    result = run_cli("train", "--model", "llama", "--profile", "ci", "--out", str(out), "--quiet")
+    spec = json.loads((out / MODEL_CONFIG).read_text())
+    assert spec["model"] == "llama" and spec["config"]["hidden_size"] == 32
+    llama = load_model(out)
+    assert isinstance(llama, Llama) and f"profile ci: llama with {llama.num_parameters():,} parameters" in result.stdout
+    evals = json.loads((out / TRAIN_STATE).read_text())["history"]["eval"]
+    assert evals[-1]["step"] == 40 and evals[-1]["val"] < evals[0]["val"] - 0.7
+    text = run_cli("sample", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "3").stdout
+    assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 20 + 1
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(out), "--resume"])  # --model defaults to gpt
+    assert "--model gpt, but the checkpoint" in capsys.readouterr().err
