@@ -6,8 +6,9 @@
     python -m scratchlm sample runs/shakespeare-char --prompt "ROMEO:" --max-new-tokens 300 --seed 1
 
 Training uses the same code and settings as notebook 03_gpt/03_training (`scratchlm.train`,
-`shakespeare_char_config`; for `--model llama`, the matching Llama of 04_llama/05_llama_vs_gpt) and saves a checkpoint folder every evaluation and at the end; the folder
-holds the tokenizer, so sampling needs no data file. This file is hand-written (it has no notebook).
+`shakespeare_char_config`; for `--model llama`, the size-matched Llama of 04_llama/05_llama_vs_gpt)
+and saves a checkpoint folder every evaluation and at the end; the folder holds the tokenizer, so
+sampling needs no data file. This file is hand-written (it has no notebook).
 """
 
 import argparse
