@@ -133,11 +133,7 @@ class HFTokenizer(RegexTokenizer):
         if not self.normalized_tokens:
             return super().encode(text, allowed_special=allowed_special, disallowed_special=disallowed_special)
         text = _valid_text(text, "encode")
-        allowed = self._special_names(allowed_special, "allowed_special")
-        if disallowed_special == "all":
-            disallowed = set(self.special_tokens) - allowed
-        else:
-            disallowed = self._special_names(disallowed_special, "disallowed_special")
+        allowed, disallowed = self._allowed_and_disallowed(allowed_special, disallowed_special)
         late = self.normalized_tokens
         as_normalized = {normalize(name, self.normalizer): name for name in late}
         ids = []

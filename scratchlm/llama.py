@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .gpt import CheckpointMismatchError, load_checked, register_architecture
+from .generation import KVCache
+from .gpt import CheckpointMismatchError, check_input_ids, load_checked, register_architecture
 from .gqa import GroupedQueryAttention
 from .layers import GatedMLP, RMSNorm
 from .rope import ROPE_TYPES, RopeScaling, RotaryEmbedding, check_head_dim
@@ -171,16 +172,8 @@ class Llama(nn.Module):
         return self.lm_head(self.norm(x))  # (B, T, vocab_size)
 
     def forward(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (batch, time), got {tuple(input_ids.shape)}; "
-                             f"for one sequence add a batch dimension: input_ids[None]")
-        T = input_ids.size(1)
         start = cache.seq_len if cache is not None else 0  # positions already in the cache
-        if start + T > self.config.block_size:
-            where = f"{start} cached positions + {T} new tokens = {start + T}" if start else f"{T} tokens"
-            raise ValueError(f"the sequence is too long: {where}, but block_size={self.config.block_size} "
-                             f"(max_position_embeddings) is the most this model accepts; keep the last "
-                             f"{self.config.block_size} tokens (scratchlm.generate crops its context this way)")
+        T = check_input_ids(input_ids, start, self.config.block_size, " (max_position_embeddings)")
         x = self.embed(input_ids)  # (B, T, C)
         for layer, (cos, sin) in zip(self.layers, self.rope_tables(T, start), strict=True):
             x = layer(x, cos, sin, cache=cache)
@@ -290,8 +283,8 @@ class SlidingWindowCache:
         return cls([layer.self_attn.sliding_window for layer in model.layers])
 
     def reset(self) -> None:
-        self._store: list[list[torch.Tensor] | None] = [None] * len(self.windows)  # per layer: buffers
-        self._kept = [0] * len(self.windows)  # per layer: positions held in the buffers
+        self._full = KVCache()  # the full-attention layers, by layer index: KVCache's growing buffers
+        self._store: list[list[torch.Tensor] | None] = [None] * len(self.windows)  # per windowed layer: kept positions
         self._seen = [0] * len(self.windows)  # per layer: positions ever added
 
     @property
@@ -301,34 +294,24 @@ class SlidingWindowCache:
     @property
     def nbytes(self) -> int:
         """Bytes of the positions held (spare capacity of the full layers' buffers not counted)."""
-        return sum(b[..., :n, :].numel() * b.element_size() for store, n in zip(self._store, self._kept, strict=True)
-                   if store for b in store)
+        return self._full.nbytes + sum(t.numel() * t.element_size() for store in self._store if store for t in store)
 
     def update(self, layer_idx: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if not 0 <= layer_idx < len(self.windows):
             raise ValueError(f"layer_idx={layer_idx}, but this cache has windows for {len(self.windows)} layers")
-        n, T, store, window = self._kept[layer_idx], new[0].size(-2), self._store[layer_idx], self.windows[layer_idx]
-        self._seen[layer_idx] += T
-        if window is None:  # a full layer: append into a buffer that doubles when full, as KVCache does
-            if store is None or n + T > store[0].size(-2):
-                capacity = max(n + T, 2 * store[0].size(-2) if store else 0)
-                grown = [t.new_empty(*t.shape[:-2], capacity, t.shape[-1]) for t in new]
-                for g, s in zip(grown, store or [], strict=False):
-                    g[..., :n, :] = s[..., :n, :]
-                store = self._store[layer_idx] = grown
-            for s, t in zip(store, new, strict=True):
-                s[..., n : n + T, :] = t
-            self._kept[layer_idx] = n + T
-            return tuple(s[..., : n + T, :] for s in store)
+        self._seen[layer_idx] += new[0].size(-2)
+        window, store = self.windows[layer_idx], self._store[layer_idx]
+        if window is None:  # a full layer keeps everything: KVCache appends into a buffer that doubles when full
+            return self._full.update(layer_idx, *new)
         visible = new if store is None else tuple(torch.cat([s, t], dim=-2) for s, t in zip(store, new, strict=True))
         keep = min(window - 1, visible[0].size(-2))  # what the next query can still see, besides itself
         # copies of just those positions, so the longer tensors can be freed
         self._store[layer_idx] = [t[..., t.size(-2) - keep :, :].contiguous() for t in visible]
-        self._kept[layer_idx] = keep
         return visible  # (..., kept + T, dim): the queries' mask is built from these lengths
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch rows `index` (beam search)."""
+        self._full.reorder(index)
         self._store = [None if s is None else [t.index_select(0, index) for t in s] for s in self._store]
 
     def __repr__(self) -> str:

@@ -428,6 +428,13 @@ class RegexTokenizer(BPETokenizer):
                              f"{sorted(self.special_tokens)}. Add one with register_special_tokens({{name: id}})")
         return set(value)
 
+    def _allowed_and_disallowed(self, allowed_special, disallowed_special) -> tuple[set[str], set[str]]:
+        """encode's two arguments as sets of names; disallowed_special="all" is every special token not allowed."""
+        allowed = self._special_names(allowed_special, "allowed_special")
+        if disallowed_special == "all":
+            return allowed, set(self.special_tokens) - allowed
+        return allowed, self._special_names(disallowed_special, "disallowed_special")
+
     def encode_ordinary(self, text: str) -> list[int]:
         """Encode `text` treating special-token strings as plain text."""
         return self._encode_ordinary(_valid_text(text, "encode_ordinary"))
@@ -440,11 +447,7 @@ class RegexTokenizer(BPETokenizer):
         in the text raises ValueError; () encodes them as ordinary text instead.
         """
         text = _valid_text(text, "encode")
-        allowed = self._special_names(allowed_special, "allowed_special")
-        if disallowed_special == "all":
-            disallowed = set(self.special_tokens) - allowed
-        else:
-            disallowed = self._special_names(disallowed_special, "disallowed_special")
+        allowed, disallowed = self._allowed_and_disallowed(allowed_special, disallowed_special)
         if disallowed and (found := _special_regex(disallowed).search(text)):
             token = found.group()
             raise ValueError(
