@@ -3,14 +3,16 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 JOBS   ?= 2
-# `make test` executes every notebook at the seconds-scale profile unless you say otherwise
-SCRATCHLM_PROFILE ?= ci
-export SCRATCHLM_PROFILE
+# options for `jupyter lab`, e.g. make lab JUPYTER_ARGS="--allow-root --no-browser" (as root, in Docker)
+JUPYTER_ARGS ?=
+# `make test` executes every notebook at the seconds-scale profile (make test TEST_PROFILE=cpu for more).
+# Only the test targets set SCRATCHLM_PROFILE: `make lab` leaves it to you (cpu without CUDA, gpu with it).
+TEST_PROFILE ?= ci
 
 .PHONY: help lab test lint export check-export unit notebooks execute bench clean
 
 help:
-	@echo "make lab      set up .venv and open JupyterLab on the course"
+	@echo "make lab      set up .venv and open JupyterLab on the course (JUPYTER_ARGS=\"--allow-root\" as root)"
 	@echo "make test     set up .venv, then lint, export check, unit tests and every notebook under nbval"
 	@echo "make export   rewrite scratchlm/ from the notebooks (after you edit one)"
 	@echo "make execute NB=notebooks/01_tokenizer/01_characters_and_bigram.ipynb   run one notebook in place"
@@ -20,16 +22,21 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 
-$(VENV)/.course: pyproject.toml | $(BIN)/python
+# PyTorch first, the CPU-only build on machines without an NVIDIA GPU (see tools/install_torch.sh)
+$(VENV)/.torch: | $(BIN)/python
+	bash tools/install_torch.sh $(BIN)/python
+	touch $@
+
+$(VENV)/.course: pyproject.toml $(VENV)/.torch
 	$(BIN)/python -m pip install -e '.[course]'
 	touch $@
 
-$(VENV)/.dev: pyproject.toml | $(BIN)/python
+$(VENV)/.dev: pyproject.toml $(VENV)/.torch
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $@ $(VENV)/.course
 
 lab: $(VENV)/.course
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab $(JUPYTER_ARGS) notebooks/
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check scratchlm tests tools benchmarks notebooks conftest.py
@@ -42,7 +49,7 @@ check-export: $(VENV)/.dev
 
 # unit tests and strict nbval on every notebook in one pytest run; loadfile keeps a notebook on one worker
 unit-and-notebooks: $(VENV)/.dev
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(JOBS) --dist loadfile \
+	SCRATCHLM_PROFILE=$(TEST_PROFILE) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(JOBS) --dist loadfile \
 	    --nbval --nbval-current-env --nbval-sanitize-with tools/nbval_sanitize.cfg tests notebooks
 
 test: lint check-export unit-and-notebooks

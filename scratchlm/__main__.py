@@ -8,8 +8,9 @@
 Training uses the same code and settings as notebook 03_gpt/03_training (`scratchlm.train`,
 `shakespeare_char_config`; for `--model llama`, the size-matched Llama of 04_llama/05_llama_vs_gpt)
 and saves a checkpoint folder every evaluation and at the end; the folder holds the tokenizer, so
-sampling needs no data file. This file is hand-written (it has no notebook).
+sampling needs no data file. `python -m scratchlm COMMAND --help` lists each command's options.
 """
+# (for maintainers: this module is hand-written, it has no notebook)
 
 import argparse
 import sys
@@ -38,6 +39,8 @@ def train(args: argparse.Namespace) -> None:
     overrides = {"out_dir": str(out)}
     if args.steps is not None:
         overrides["max_steps"] = args.steps
+    if args.warmup is not None:
+        overrides["warmup_steps"] = args.warmup
     if args.device is not None:
         overrides["device"] = args.device
     if args.compile is not None:
@@ -63,13 +66,16 @@ def train(args: argparse.Namespace) -> None:
             from scratchlm.char_llama import char_llama_config
 
             model_config = char_llama_config(model_config)
+        if args.steps is not None and args.warmup is None:
+            # the profile's warmup is a fraction of its run (100 of 2000 steps at cpu): keep that fraction
+            overrides["warmup_steps"] = round(cfg.warmup_steps * args.steps / cfg.max_steps)
         cfg = replace(cfg, checkpoint_interval=cfg.eval_interval, **overrides)
         torch.manual_seed(cfg.seed)
         model = build_model(args.model, model_config)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"profile {profile}: {args.model} with {n_params:,} parameters {model_config}")
         print(f"{cfg.max_steps} steps of {cfg.batch_size * cfg.grad_accum_steps} x {cfg.block_size} tokens, "
-              f"lr {cfg.lr} -> {cfg.min_lr}; checkpoints in {out}")
+              f"lr {cfg.lr} -> {cfg.min_lr} after {cfg.warmup_steps} warmup steps; checkpoints in {out}")
         trainer = Trainer(model, cfg, train_data, val_data, model_name=args.model, model_config=model_config,
                           tokenizer=tokenizer)
     trainer.fit(progress=not args.quiet)
@@ -102,33 +108,49 @@ def sample(args: argparse.Namespace) -> None:
     print(tokenizer.decode(out[0].tolist()))
 
 
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Ends each option's help with its default value, where it has one (not for flags and "none given")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            text += f" (default: {action.default})"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scratchlm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,sample}")
 
-    t = commands.add_parser("train", help="train a model on TinyShakespeare (characters)")
-    t.add_argument("--model", default="gpt", choices=MODELS, help="which chapter's model (default: gpt)")
+    defaults = HelpWithDefaults
+    t = commands.add_parser("train", help="train a model on TinyShakespeare (characters)", formatter_class=defaults)
+    t.add_argument("--model", default="gpt", choices=MODELS, help="which chapter's model")
     t.add_argument("--profile", choices=("ci", "cpu", "gpu"),
-                   help="run size (default: SCRATCHLM_PROFILE, else gpu with CUDA and cpu without)")
+                   help="run size; none given: SCRATCHLM_PROFILE, else gpu with CUDA and cpu without")
     t.add_argument("--out", required=True, help="checkpoint folder to write (and to read with --resume)")
     t.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly where it stopped")
-    t.add_argument("--steps", type=int, help="override max_steps (on --resume this also stretches the schedule)")
-    t.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    t.add_argument("--steps", type=int, help="override the profile's max_steps (scaling its warmup to match; "
+                   "on --resume this also stretches the schedule)")
+    t.add_argument("--warmup", type=int, help="learning-rate warmup steps; none given: the profile's "
+                   "(100 of 2000 at cpu), scaled to --steps")
+    t.add_argument("--device", help="cpu, cuda, cuda:1, ...; none given: cuda when available")
     t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on for the gpu profile)")
+                   help="torch.compile the model; none given: on for the gpu profile")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(run=train)
 
-    s = commands.add_parser("sample", help="generate text from a checkpoint folder")
+    s = commands.add_parser("sample", help="generate text from a checkpoint folder", formatter_class=defaults)
     s.add_argument("checkpoint", help="checkpoint folder written by `scratchlm train`")
-    s.add_argument("--prompt", default="\n", help="text to continue; \\n is a newline (default: a newline)")
-    s.add_argument("--max-new-tokens", type=int, default=500)
-    s.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
-    s.add_argument("--top-k", type=int, default=200)
-    s.add_argument("--top-p", type=float, default=None)
-    s.add_argument("--seed", type=int, default=1337)
-    s.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    s.add_argument("--prompt", default="\\n", help="text to continue; \\n is a newline")
+    s.add_argument("--max-new-tokens", type=int, default=500, help="how many tokens (characters) to add")
+    s.add_argument("--temperature", type=float, default=0.8, help="0 is greedy; higher is more varied")
+    s.add_argument("--top-k", type=int, default=None,
+                   help="sample only from the k most likely tokens; none given: off (every character can be drawn)")
+    s.add_argument("--top-p", type=float, default=None,
+                   help="sample from the smallest set of tokens whose probability reaches p; none given: off")
+    s.add_argument("--seed", type=int, default=1337, help="random seed: the same seed gives the same text")
+    s.add_argument("--device", help="cpu, cuda, ...; none given: cuda when available")
     s.set_defaults(run=sample)
     return parser
 

@@ -109,3 +109,35 @@ def test_llama_trains_and_samples_from_the_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--out", str(out), "--resume"])  # --model defaults to gpt
     assert "--model gpt, but the checkpoint" in capsys.readouterr().err
+
+
+def test_help_shows_defaults_and_no_maintainer_notes(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    assert "hand-written" not in top and "COMMAND --help" in top
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal width
+    for shown in ("(default: 500)", "(default: 0.8)", "(default: 1337)", "(default: \\n)", "none given: off"):
+        assert shown in text, shown
+    assert build_parser_defaults()["top_k"] is None  # top-k is off unless asked for
+
+
+def build_parser_defaults():
+    from scratchlm.__main__ import build_parser
+
+    return vars(build_parser().parse_args(["sample", "somewhere"]))
+
+
+def test_short_runs_scale_the_warmup(tmp_path, capsys):
+    """`--steps` at or below the profile's 100 warmup steps used to fail on warmup_steps; now it scales."""
+    main(["train", "--profile", "cpu", "--steps", "20", "--out", str(tmp_path / "short"), "--quiet"])
+    printed = capsys.readouterr().out
+    assert "20 steps of 12 x 64 tokens" in printed and "after 1 warmup steps" in printed  # 100 * 20 / 2000
+    assert json.loads((tmp_path / "short" / TRAIN_STATE).read_text())["step"] == 20
+    main(["train", "--profile", "ci", "--steps", "6", "--warmup", "2", "--out", str(tmp_path / "w"), "--quiet"])
+    assert "after 2 warmup steps" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["train", "--profile", "ci", "--steps", "6", "--warmup", "6", "--out", str(tmp_path / "bad"), "--quiet"])
+    assert "warmup_steps=6 must be >= 0 and below" in capsys.readouterr().err

@@ -1,0 +1,136 @@
+"""The newcomer's path: `make lab` leaves the profile to the reader, passes Jupyter options, and installs
+a CPU-only PyTorch on machines without an NVIDIA GPU (falling back fast when that index is unreachable).
+
+Each test runs the real Makefile or script against a stand-in virtualenv whose `jupyter` and `python`
+are small shell scripts that record what they were called with, so nothing is installed or launched.
+"""
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_script(path: Path, text: str) -> None:
+    path.write_text("#!/usr/bin/env bash\n" + text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+
+
+@pytest.fixture
+def fake_venv(tmp_path):
+    """A virtualenv that `make` takes as set up: stamps newer than pyproject.toml, a `jupyter` that reports."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    write_script(venv / "bin" / "python", "exit 0\n")
+    write_script(venv / "bin" / "jupyter",
+                 'echo "profile=${SCRATCHLM_PROFILE-unset}"\necho "args=$*"\n')
+    later = (ROOT / "pyproject.toml").stat().st_mtime + 10
+    for stamp in (".torch", ".course"):
+        (venv / stamp).touch()
+        os.utime(venv / stamp, (later, later))
+    return venv
+
+
+def make_lab(venv: Path, *extra: str, **env_extra: str) -> str:
+    if shutil.which("make") is None:
+        pytest.fail("`make` is not installed; the course's set-up needs it")
+    env = {k: v for k, v in os.environ.items() if k != "SCRATCHLM_PROFILE"}  # `make test` sets it for us
+    env.update(env_extra)
+    result = subprocess.run(["make", "-s", "--no-print-directory", "lab", f"VENV={venv}", *extra], cwd=ROOT,
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_make_lab_does_not_set_the_profile(fake_venv):
+    out = make_lab(fake_venv)
+    assert "profile=unset" in out, out  # so scratchlm picks cpu without CUDA, gpu with it
+    assert "args=lab notebooks/" in out, out
+
+
+def test_make_lab_keeps_the_readers_profile_and_passes_jupyter_args(fake_venv):
+    out = make_lab(fake_venv, "JUPYTER_ARGS=--allow-root --no-browser", SCRATCHLM_PROFILE="gpu")
+    assert "profile=gpu" in out, out
+    assert "args=lab --allow-root --no-browser notebooks/" in out, out
+
+
+def test_make_test_runs_notebooks_at_the_ci_profile():
+    result = subprocess.run(["make", "-n", "unit-and-notebooks", "VENV=/nonexistent"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert "SCRATCHLM_PROFILE=ci " in result.stdout, result.stdout
+
+
+@pytest.fixture
+def fake_python(tmp_path):
+    """A `python` whose `import torch` fails until a pip install succeeds; pip fails on the index in FAIL_INDEX."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+    write_script(bin_dir / "python", f"""
+echo "$*" >> {log}
+if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then
+    if [ -n "${{FAIL_INDEX:-}}" ] && [[ "$*" == *"$FAIL_INDEX"* ]]; then echo "unreachable" >&2; exit 1; fi
+    touch {tmp_path}/installed; exit 0
+fi
+if [ "$1" = "-c" ]; then
+    [ -f {tmp_path}/installed ] || exit 1
+    [[ "$2" == *print* ]] && echo "torch 9.9.9: CPU-only build"
+    exit 0
+fi
+""")
+    return bin_dir / "python", log
+
+
+def install_torch(python: Path, tmp_path: Path, with_gpu: bool, **env_extra: str):
+    path_dir = tmp_path / "path"
+    path_dir.mkdir(exist_ok=True)
+    if with_gpu:
+        write_script(path_dir / "nvidia-smi", "exit 0\n")
+    env = {"PATH": f"{path_dir}:/usr/bin:/bin", **env_extra}
+    result = subprocess.run(["bash", str(ROOT / "tools" / "install_torch.sh"), str(python)], capture_output=True,
+                            text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_install_torch_without_a_gpu_uses_the_cpu_index(fake_python, tmp_path):
+    python, log = fake_python
+    out = install_torch(python, tmp_path, with_gpu=False)
+    pip_calls = [line for line in log.read_text().splitlines() if line.startswith("-m pip")]
+    assert pip_calls == ["-m pip install --timeout 5 --retries 0 --index-url https://download.pytorch.org/whl/cpu torch"]
+    assert "installed torch 9.9.9: CPU-only build" in out
+
+
+def test_install_torch_falls_back_to_the_default_index(fake_python, tmp_path):
+    python, log = fake_python
+    out = install_torch(python, tmp_path, with_gpu=False, FAIL_INDEX="download.pytorch.org")
+    pip_calls = [line for line in log.read_text().splitlines() if line.startswith("-m pip")]
+    assert len(pip_calls) == 2 and "--index-url" in pip_calls[0] and pip_calls[1] == "-m pip install torch"
+    assert "falling back to the default index" in out and out.rstrip().endswith("CPU-only build")
+
+
+def test_install_torch_with_a_gpu_and_when_already_installed(fake_python, tmp_path):
+    python, log = fake_python
+    install_torch(python, tmp_path, with_gpu=True)
+    assert [line for line in log.read_text().splitlines() if line.startswith("-m pip")] == ["-m pip install torch"]
+    out = install_torch(python, tmp_path, with_gpu=True)  # torch is there now: nothing more is installed
+    assert "already installed, kept" in out
+    assert len([line for line in log.read_text().splitlines() if line.startswith("-m pip")]) == 1
+
+
+def test_unreachable_cpu_index_fails_within_seconds(tmp_path):
+    """The real pip against an index nobody listens on (a closed loopback port): it must give up fast."""
+    pip = [sys.executable, "-m", "pip", "download", "--isolated", "--no-deps", "-d", str(tmp_path),
+           "--timeout", "5", "--retries", "0", "--index-url", "http://127.0.0.1:9/whl/cpu", "torch"]
+    start = time.perf_counter()
+    result = subprocess.run(pip, capture_output=True, text=True, timeout=120)
+    elapsed = time.perf_counter() - start
+    assert result.returncode != 0
+    assert elapsed < 30, f"pip took {elapsed:.0f} s to give up on an unreachable index"
