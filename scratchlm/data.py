@@ -2,17 +2,19 @@
 
 # %% auto #0
 __all__ = ['PROFILES', 'DATA_URL', 'DATA_SHA256', 'DATA_FILE', 'get_profile', 'by_profile', 'tinyshakespeare', 'CharTokenizer',
-           'train_val_split', 'get_batch']
+           'train_val_split', 'get_batch', 'progress']
 
 # %% ../notebooks/01_tokenizer/01_characters_and_bigram.ipynb #02f2b08e
 import hashlib
 import os
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 # %% ../notebooks/01_tokenizer/01_characters_and_bigram.ipynb #671a713a
 PROFILES = ("ci", "cpu", "gpu")
@@ -168,3 +170,20 @@ def get_batch(data: torch.Tensor, block_size: int, batch_size: int, generator: t
     x = torch.stack([data[i : i + block_size] for i in starts])
     y = torch.stack([data[i + 1 : i + 1 + block_size] for i in starts])
     return x.to(device), y.to(device)
+
+# %% ../notebooks/01_tokenizer/01_characters_and_bigram.ipynb #392b0fd3
+def progress(iterable, desc: str, unit: str = "steps", disable: bool = False, **tqdm_kwargs):
+    """Yield from `iterable` under a tqdm bar; when the loop ends (or breaks), print "desc: N steps in T s".
+
+    >>> for _ in progress(range(3), "demo"): pass
+    demo: 3 steps in 0.0 s
+    """
+    start, done = time.perf_counter(), 0
+    try:
+        with tqdm(iterable, desc=desc, disable=disable, **tqdm_kwargs) as bar:
+            for item in bar:
+                done += 1
+                yield item
+    finally:  # a `break` in the caller's loop closes this generator, which lands here too
+        if not disable:
+            print(f"{desc}: {done:,} {unit} in {time.perf_counter() - start:.1f} s")

@@ -9,15 +9,15 @@ import heapq
 import html
 import json
 import operator
+import types
 import warnings
 from collections import Counter, defaultdict
 from itertools import pairwise
 from pathlib import Path
 
 import regex
-from tqdm.auto import tqdm
 
-from .data import CharTokenizer  # re-exported: every tokenizer of the course lives in scratchlm.tokenizer
+from .data import CharTokenizer, progress  # re-exported: every tokenizer of the course lives in scratchlm.tokenizer
 
 # %% ../notebooks/01_tokenizer/02_byte_pair_encoding.ipynb #0c83285b
 def get_stats(ids: list[int], counts: dict | None = None) -> dict[tuple[int, int], int]:
@@ -59,7 +59,7 @@ def train_naive(chunks: list[bytes], num_merges: int, verbose: bool = False) -> 
     """
     chunk_ids = [list(chunk) for chunk in chunks]
     merges = {}
-    for k in tqdm(range(num_merges), desc="BPE merges (naive)", disable=not verbose):
+    for k in progress(range(num_merges), "BPE merges (naive)", unit="merges", disable=not verbose):
         stats = {}
         for ids in chunk_ids:  # chunks in text order, so stats lists pairs in order of first occurrence
             get_stats(ids, stats)
@@ -117,7 +117,7 @@ def train_fast(chunk_counts: dict[bytes, int], num_merges: int, verbose: bool = 
     heap = [(-count, slots[0], pair) for (pair, count), slots in zip(counts.items(), where.values(), strict=True)]
     heapq.heapify(heap)
     merges = {}
-    for k in tqdm(range(num_merges), desc="BPE merges", disable=not verbose):
+    for k in progress(range(num_merges), "BPE merges", unit="merges", disable=not verbose):
         while heap:  # pop until the top entry is exact
             neg_count, slot, pair = heapq.heappop(heap)
             count = counts.get(pair, 0)
@@ -182,6 +182,31 @@ def _check_id(value, what: str) -> int:
 
 # %% ../notebooks/01_tokenizer/02_byte_pair_encoding.ipynb #19ab663b
 FILE_FORMAT = "scratchlm-bpe"
+
+
+class _load_method:
+    """`BPETokenizer.load(path)` returns a new tokenizer of the class named in the file. Called on an
+    instance, as minbpe's users write it (`tok = RegexTokenizer(); tok.load(path)`), it loads the file
+    into that instance and returns it, instead of silently returning a new one."""
+
+    def __init__(self, load):
+        self.load = load
+        self.__doc__ = load.__doc__
+
+    def __get__(self, tok, cls):
+        if tok is None:
+            return types.MethodType(self.load, cls)
+
+        def load_into(path):
+            loaded = self.load(cls, path)
+            if type(loaded) is not cls:
+                raise ValueError(f"{path} holds a {type(loaded).__name__}, this tokenizer is a {cls.__name__}; "
+                                 f"write tok = BPETokenizer.load(path), which returns the class named in the file")
+            tok.__dict__.clear()
+            tok.__dict__.update(loaded.__dict__)
+            return tok
+
+        return load_into
 
 
 class BPETokenizer:
@@ -327,7 +352,7 @@ class BPETokenizer:
         fields.append('"merges": [\n' + ",\n".join(merges) + "\n]")
         Path(path).write_text("{\n" + ",\n".join(fields) + "\n}\n", encoding="utf-8")
 
-    @classmethod
+    @_load_method
     def load(cls, path) -> "BPETokenizer":
         """Read a file written by `save`; returns a tokenizer of the class named in the file.
 
@@ -524,14 +549,25 @@ _PALETTE = ("#fde2e4", "#e2ece9", "#dfe7fd", "#fff1c1", "#e9d8fd", "#d7f9f1", "#
 
 
 def tokens_html(tokenizer: BPETokenizer, text: str, allowed_special="all") -> str:
-    """HTML that shows each token of `text` in its own colour, with its id on hover (for IPython's `HTML`)."""
+    """HTML that shows each token of `text` in its own colour, with its id on hover (for IPython's `HTML`).
+
+    A token that is only part of a character (BPE can cut an emoji's 4 bytes) shows its bytes in hex: ⟨f0 9f⟩.
+    """
     if isinstance(tokenizer, RegexTokenizer):
         ids = tokenizer.encode(text, allowed_special=allowed_special)
     else:
         ids = tokenizer.encode(text)
-    spans = []
+    spans, partial = [], False
     for k, i in enumerate(ids):
-        shown = html.escape(tokenizer.decode([i])).replace("\n", "↵\n")
-        spans.append(f'<span title="{i}" style="background:{_PALETTE[k % len(_PALETTE)]}">{shown}</span>')
+        piece, style = tokenizer.decode_bytes([i]), f"background:{_PALETTE[k % len(_PALETTE)]}"
+        try:
+            shown, title = html.escape(piece.decode("utf-8")).replace("\n", "↵\n"), f"{i}"
+        except UnicodeDecodeError as err:  # part of a character that BPE cut between tokens (emoji are 4 bytes)
+            whole, cut = piece[: err.start].decode("utf-8"), piece[err.start :]  # " \xf0\x9f" -> " ", f0 9f
+            shown = html.escape(whole).replace("\n", "↵\n") + f"⟨{cut.hex(' ')}⟩"
+            title, partial = f"{i}: bytes {piece.hex(' ')}, part of a character", True
+            style += ";color:#555;font-style:italic"
+        spans.append(f'<span title="{title}" style="{style}">{shown}</span>')
+    note = "; ⟨f0 9f⟩: the UTF-8 bytes of a character split between tokens" if partial else ""
     return ('<div style="font-family:monospace;white-space:pre-wrap;line-height:1.6">'
-            f"{''.join(spans)}</div><small>{len(ids)} tokens, {len(text.encode('utf-8'))} bytes</small>")
+            f"{''.join(spans)}</div><small>{len(ids)} tokens, {len(text.encode('utf-8'))} bytes{note}</small>")

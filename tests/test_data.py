@@ -159,3 +159,16 @@ def test_split_and_batch_errors():
         train_val_split(torch.arange(10), 1.5)
     with pytest.raises(ValueError, match="block_size=8"):
         get_batch(torch.arange(8), block_size=8, batch_size=2)
+
+
+def test_progress_leaves_a_closing_line(capsys):
+    from scratchlm.data import progress
+
+    assert list(progress(range(5), "demo", disable=False, file=None)) == [0, 1, 2, 3, 4]
+    assert capsys.readouterr().out.startswith("demo: 5 steps in ")
+    for i in progress(range(10), "early", unit="merges"):
+        if i == 2:
+            break
+    assert capsys.readouterr().out.startswith("early: 3 merges in ")  # a break still leaves the line
+    assert list(progress(range(3), "quiet", disable=True)) == [0, 1, 2]
+    assert capsys.readouterr().out == ""

@@ -416,3 +416,44 @@ def test_tokens_html_is_deterministic_and_escaped(gpt4):
 
 def test_char_tokenizer_is_reexported():
     assert CharTokenizer is scratchlm.data.CharTokenizer
+
+
+def test_tokens_html_shows_the_bytes_of_a_split_character(gpt4):
+    """An emoji's 4 bytes can be cut between tokens: such a token shows its bytes in hex, not "���"."""
+    ids = gpt4.encode("👋🏽")
+    partial = [i for i in ids if not _valid_utf8(gpt4.decode_bytes([i]))]
+    assert partial, "cl100k splits this emoji inside its bytes"  # a precondition of the test
+    page = tokens_html(gpt4, "👋🏽")
+    for i in partial:
+        piece = gpt4.decode_bytes([i])
+        cut = piece.lstrip(b" ")  # a leading space stays a space; the bytes from the cut character on show in hex
+        assert f"⟨{cut.hex(' ')}⟩" in page and f'title="{i}: bytes {piece.hex(" ")}, part of a character"' in page
+    assert "\ufffd" not in page and "split between tokens" in page
+    assert "split between tokens" not in tokens_html(gpt4, "plain text")
+
+
+def _valid_utf8(piece: bytes) -> bool:
+    try:
+        piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def test_load_on_an_instance_loads_into_it(tmp_path):
+    """minbpe's users write `tok = RegexTokenizer(); tok.load(path)`: that must load, not silently do nothing."""
+    trained = RegexTokenizer().train("the theatre, the thesis, the then " * 20, vocab_size=265)
+    trained.register_special_tokens({"<|end|>": 265})
+    trained.save(tmp_path / "tok.json")
+    tok = RegexTokenizer()
+    returned = tok.load(tmp_path / "tok.json")
+    assert returned is tok and tok.merges == trained.merges and tok.special_tokens == trained.special_tokens
+    assert tok.encode("the then<|end|>", allowed_special="all") == trained.encode("the then<|end|>", allowed_special="all")
+    assert type(RegexTokenizer.load(tmp_path / "tok.json")) is RegexTokenizer  # the class form is unchanged
+    BPETokenizer().train("aaabdaaabac", 259).save(tmp_path / "bytes.json")
+    with pytest.raises(ValueError, match="holds a 'BPETokenizer', not a RegexTokenizer"):
+        RegexTokenizer().load(tmp_path / "bytes.json")
+    plain = BPETokenizer()
+    with pytest.raises(ValueError, match="holds a RegexTokenizer, this tokenizer is a BPETokenizer"):
+        plain.load(tmp_path / "tok.json")
+    assert plain.merges == {}  # a refused load leaves the instance as it was
