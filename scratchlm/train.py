@@ -3,9 +3,9 @@
 # %% auto #0
 __all__ = ['DTYPES', 'EMBEDDING_MODULES', 'MODEL_REGISTRY', 'WEIGHTS', 'MODEL_CONFIG', 'TOKENIZER', 'TRAIN_STATE', 'OPTIMIZER',
            'TrainConfig', 'shakespeare_char_config', 'shakespeare_char_data', 'lr_at', 'configure_optimizer',
-           'next_token_loss', 'accumulate_gradients', 'resolve_device', 'autocast_dtype', 'autocast_context',
-           'estimate_loss', 'split_loss', 'save_weights', 'load_weights', 'build_model', 'check_checkpoint',
-           'save_tokenizer', 'load_tokenizer', 'load_model', 'Trainer']
+           'next_token_loss', 'accumulate_gradients', 'resolve_device', 'autocast_dtype', 'precision_note',
+           'autocast_context', 'estimate_loss', 'split_loss', 'save_weights', 'load_weights', 'build_model',
+           'check_checkpoint', 'save_tokenizer', 'load_tokenizer', 'load_model', 'Trainer']
 
 # %% ../notebooks/03_gpt/03_training.ipynb #932b788e
 import importlib
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .data import CharTokenizer, by_profile, get_batch, tinyshakespeare, train_val_split
 
 # %% ../notebooks/03_gpt/03_training.ipynb #ac0877ba
-DTYPES = {"float32": None, "bfloat16": torch.bfloat16}  # autocast dtype; None: autocast off
+DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}  # autocast dtype; None: off
 
 
 @dataclass
@@ -53,7 +53,7 @@ class TrainConfig:
     checkpoint_interval: int = 0  # also save every this many steps; 0: only at the end of fit
     # hardware and reproducibility
     device: str = "auto"  # "auto": cuda when available, else cpu
-    dtype: str = "auto"  # "auto": bfloat16 autocast on CUDA, float32 on CPU; or "float32", "bfloat16"
+    dtype: str = "auto"  # "auto": bfloat16 autocast on CUDA (float16 without bf16), float32 on CPU; or a DTYPES name
     compile: bool = False
     seed: int = 1337
 
@@ -151,11 +151,12 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 
 
 def accumulate_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, micro_batches: int,
-                         autocast=nullcontext) -> torch.Tensor:
+                         autocast=nullcontext, scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
     """Add to `.grad` the gradient of the mean loss over the batch (x, y), one micro-batch at a time.
 
     Each micro-batch's mean loss is divided by the number of micro-batches, so the sum of their gradients
-    is the whole batch's. Returns the batch's mean loss (a detached scalar tensor).
+    is the whole batch's. Returns the batch's mean loss (a detached scalar tensor). With a `scaler` (float16
+    training), each backward pass runs on the scaled loss, so small gradients do not underflow to zero.
     """
     if x.size(0) % micro_batches:
         raise ValueError(f"a batch of {x.size(0)} sequences does not split into {micro_batches} equal micro-batches")
@@ -164,7 +165,7 @@ def accumulate_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mic
         with autocast():
             logits = model(xb)  # (B / micro_batches, T, V)
         loss = next_token_loss(logits, yb) / micro_batches
-        loss.backward()
+        (loss if scaler is None else scaler.scale(loss)).backward()
         total += loss.detach()
     return total
 
@@ -177,10 +178,25 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `TrainConfig.dtype` on `device`; None means no autocast (plain float32)."""
+    """The autocast dtype for `TrainConfig.dtype` on `device`; None means no autocast (plain float32).
+
+    "auto": bfloat16 on a GPU that has it (A100, H100, RTX 30xx and later), float16 on one that does not (T4,
+    V100: Trainer then adds a GradScaler, as nanoGPT does), and float32 on a CPU.
+    """
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return DTYPES[dtype]
+
+
+def precision_note(dtype: torch.dtype | None) -> str:
+    """What a run computes in, in words, for the log."""
+    if dtype is None:
+        return "float32 (no autocast)"
+    if dtype == torch.float16:
+        return "float16 autocast with a GradScaler (loss scaling, since float16 underflows where bfloat16 does not)"
+    return f"{str(dtype).removeprefix('torch.')} autocast"
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
@@ -351,7 +367,12 @@ class Trainer:
                 raise ValueError(f"the {split} split has {len(data)} tokens, need more than block_size={cfg.block_size}")
         self.cfg, self.verbose = cfg, verbose
         self.device = resolve_device(cfg.device)
-        self.autocast = autocast_context(self.device, autocast_dtype(cfg.dtype, self.device))
+        dtype = autocast_dtype(cfg.dtype, self.device)
+        self.autocast = autocast_context(self.device, dtype)
+        # float16 needs loss scaling; bfloat16 and float32 do not
+        self.scaler = torch.amp.GradScaler(self.device.type) if dtype == torch.float16 else None
+        if verbose:
+            print(f"precision: {precision_note(dtype)}; torch.compile {'on' if cfg.compile else 'off'}")
         self.model = model.to(self.device)
         self.forward = torch.compile(self.model) if cfg.compile else self.model  # saves go through self.model
         self.train_data, self.val_data = train_data, val_data
@@ -359,6 +380,7 @@ class Trainer:
         self.optimizer = configure_optimizer(self.model, cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), verbose)
         self.data_generator = torch.Generator().manual_seed(cfg.seed)  # draws the training batches
         self.step, self.elapsed = 0, 0.0
+        self.first_step_seconds = None  # with torch.compile: the first evaluation and step, compilation included
         self.history = {"train_loss": [], "lr": [], "grad_norm": [], "eval": []}
 
     def evaluate(self) -> dict:
@@ -378,13 +400,19 @@ class Trainer:
             group["lr"] = lr
         x, y = get_batch(self.train_data, cfg.block_size, cfg.batch_size * cfg.grad_accum_steps,
                          self.data_generator, self.device)  # (B * accum, T), split into micro-batches
-        loss = accumulate_gradients(self.forward, x, y, cfg.grad_accum_steps, self.autocast)
+        loss = accumulate_gradients(self.forward, x, y, cfg.grad_accum_steps, self.autocast, self.scaler)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip and report the true gradients, not the scaled ones
         if cfg.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         else:
             norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.model.parameters()
                                                          if p.grad is not None]))
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped if the scaled gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         loss = loss.item()
@@ -404,6 +432,11 @@ class Trainer:
             if self.step % cfg.eval_interval == 0:
                 self.evaluate()
             loss = self.train_step()
+            if cfg.compile and self.first_step_seconds is None:
+                self.first_step_seconds = time.perf_counter() - start
+                if self.verbose:
+                    tqdm.write(f"torch.compile: the first evaluation and step took {self.first_step_seconds:.1f} s, "
+                               f"compilation included")
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.history['lr'][-1]:.1e}", refresh=False)
             bar.update()
             if cfg.out_dir and cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0:
@@ -429,7 +462,9 @@ class Trainer:
             save_tokenizer(self.tokenizer, ckpt_dir / TOKENIZER)
         rng = {"torch": torch.get_rng_state(), "data": self.data_generator.get_state(),
                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
-        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": rng}, ckpt_dir / OPTIMIZER)
+        scaler = None if self.scaler is None else self.scaler.state_dict()
+        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": rng, "scaler": scaler},
+                   ckpt_dir / OPTIMIZER)
         # written last: a folder whose train_state.json disagrees with the rest was interrupted while saving
         state = {"step": self.step, "elapsed": self.elapsed, "train_config": asdict(self.cfg), "history": self.history}
         (ckpt_dir / TRAIN_STATE).write_text(json.dumps(state))
@@ -468,6 +503,8 @@ class Trainer:
         except ValueError as err:
             raise ValueError(f"the optimizer state in {ckpt_dir / OPTIMIZER} does not fit the model's parameter "
                              f"groups ({err})") from err
+        if trainer.scaler is not None and saved.get("scaler") is not None:
+            trainer.scaler.load_state_dict(saved["scaler"])
         trainer.step, trainer.elapsed, trainer.history = state["step"], state["elapsed"], state["history"]
         torch.set_rng_state(saved["rng"]["torch"])
         trainer.data_generator.set_state(saved["rng"]["data"])

@@ -340,7 +340,58 @@ def test_bad_configs_are_refused():
         TrainConfig(lr=1e-4, min_lr=1e-3)
     with pytest.raises(ValueError, match="warmup_steps=200 must be"):
         TrainConfig(warmup_steps=200, max_steps=100)
-    with pytest.raises(ValueError, match="dtype='float16' is not supported"):
-        TrainConfig(dtype="float16")
+    with pytest.raises(ValueError, match="dtype='float8' is not supported; use 'auto', 'float32', 'bfloat16', 'float16'"):
+        TrainConfig(dtype="float8")
     with pytest.raises(ValueError, match="need more than block_size=64"):
         Trainer(TinyLM(), TrainConfig(), torch.zeros(1000, dtype=torch.long), torch.zeros(10, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- float16 with a GradScaler, torch.compile timing
+
+
+def test_auto_precision_picks_float16_on_gpus_without_bfloat16(monkeypatch):
+    import scratchlm.train as train
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)  # a T4 or a V100
+    assert train.autocast_dtype("auto", cuda) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert train.autocast_dtype("auto", cuda) == torch.bfloat16
+    assert train.autocast_dtype("auto", torch.device("cpu")) is None
+    assert "GradScaler" in train.precision_note(torch.float16) and train.precision_note(None).startswith("float32")
+
+
+def test_float16_training_scales_the_loss_and_resumes_exactly(shakespeare, tmp_path, capsys):
+    """float16 autocast on the CPU runs the same code path as on a T4: loss scaling, unscaled clipping, resume."""
+    _, train_data, val_data = shakespeare
+    cfg = tiny_cfg(dtype="float16")
+    straight = gpt_trainer(shakespeare, cfg)
+    assert isinstance(straight.scaler, torch.amp.GradScaler)
+    history = straight.fit(progress=False)
+    assert all(math.isfinite(loss) for loss in history["train_loss"])
+    assert history["eval"][-1]["val"] < history["eval"][0]["val"]
+    assert all(math.isfinite(n) for n in history["grad_norm"])  # norms of the unscaled gradients
+
+    first = gpt_trainer(shakespeare, cfg)
+    first.fit(until=5, progress=False)
+    first.save(tmp_path)
+    resumed = Trainer.from_checkpoint(tmp_path, train_data, val_data, verbose=False)
+    assert resumed.scaler.state_dict() == first.scaler.state_dict()
+    assert resumed.fit(progress=False) == history
+
+    tok, _, _ = shakespeare
+    torch.manual_seed(0)
+    Trainer(GPT(GPTConfig(**TINY_GPT)), cfg, train_data, val_data, tokenizer=tok)  # verbose: says its precision
+    assert "precision: float16 autocast with a GradScaler" in capsys.readouterr().out
+
+
+def test_compiled_runs_report_their_first_step(shakespeare, monkeypatch, capsys):
+    """The first evaluation and step of a compiled run are timed and printed (compilation is slow to start)."""
+    monkeypatch.setattr(torch, "compile", lambda model: model)  # the timing, not the compiler, is tested here
+    _, train_data, val_data = shakespeare
+    torch.manual_seed(0)
+    trainer = Trainer(GPT(GPTConfig(**TINY_GPT)), tiny_cfg(compile=True, max_steps=3), train_data, val_data)
+    trainer.fit(progress=False)
+    out = capsys.readouterr().out
+    assert "torch.compile on" in out and "torch.compile: the first evaluation and step took" in out
+    assert 0 < trainer.first_step_seconds < trainer.elapsed + 1e-9
