@@ -167,3 +167,35 @@ def test_misshaped_expert_tensors_are_named(checkpoints, tmp_path):
 
 def test_deepseek_is_in_model_modules():
     assert "scratchlm.deepseek" in scratchlm.MODEL_MODULES
+
+
+@pytest.mark.parametrize("profile", ["ci", "cpu", "gpu"])
+def test_char_deepseek_matches_the_llama_in_active_parameters(profile):
+    from scratchlm.char_llama import char_llama_config
+    from scratchlm.deepseek import char_deepseek_config
+    from scratchlm.llama import Llama, LlamaConfig
+    from scratchlm.train import shakespeare_char_config
+
+    gpt_kwargs, _ = shakespeare_char_config(profile, 65)
+    with torch.device("meta"):
+        llama = Llama(LlamaConfig(**char_llama_config(gpt_kwargs))).num_parameters()
+        deepseek = DeepseekV3(DeepseekV3Config(**char_deepseek_config(gpt_kwargs)))
+    assert abs(deepseek.active_parameters() / llama - 1) < 0.02
+    assert deepseek.num_parameters() > 1.3 * llama  # more in total: the unchosen experts
+
+
+def test_bias_update_runs_in_training_mode_only():
+    from scratchlm.deepseek import char_deepseek_config
+    from scratchlm.train import build_model, shakespeare_char_config
+
+    torch.manual_seed(0)
+    config = char_deepseek_config(shakespeare_char_config("ci", 65)[0])
+    model = build_model("deepseek", config)
+    ids = torch.randint(0, 65, (4, 16))
+    bias = model.moe_layers()[0].gate.e_score_correction_bias
+    with torch.no_grad():
+        model.eval()(ids)
+        assert torch.equal(bias, torch.zeros_like(bias))
+        model.train()(ids)
+    load = model.moe_layers()[0].load().float()
+    assert torch.equal(bias, 1e-3 * torch.sign(load.mean() - load))
