@@ -2,11 +2,13 @@
 
     python -m scratchlm train --model gpt --profile cpu --out runs/shakespeare-char
     python -m scratchlm train --model llama --profile cpu --out runs/llama-char
+    python -m scratchlm train --model deepseek --profile cpu --out runs/deepseek-char
     python -m scratchlm train --out runs/shakespeare-char --resume
     python -m scratchlm sample runs/shakespeare-char --prompt "ROMEO:" --max-new-tokens 300 --seed 1
 
 Training uses the same code and settings as notebook 03_gpt/03_training (`scratchlm.train`,
-`shakespeare_char_config`; for `--model llama`, the size-matched Llama of 04_llama/05_llama_vs_gpt)
+`shakespeare_char_config`; for `--model llama`, the size-matched Llama of 04_llama/05_llama_vs_gpt; for
+`--model deepseek`, the DeepSeek-style model of 05_deepseek/05_deepseek_v3, with that Llama's active parameters)
 and saves a checkpoint folder every evaluation and at the end; the folder holds the tokenizer, so
 sampling needs no data file. `python -m scratchlm COMMAND --help` lists each command's options.
 """
@@ -17,9 +19,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-# the models the command line can train: chapter 03's GPT, and chapter 04's Llama of the same size
-# (notebook 04_llama/05_llama_vs_gpt); scratchlm.train.MODEL_REGISTRY says how to build each
-MODELS = ("gpt", "llama")
+# the models the command line can train: chapter 03's GPT, chapter 04's Llama of the same size
+# (notebook 04_llama/05_llama_vs_gpt) and chapter 05's DeepSeek with that Llama's active parameters
+# (notebook 05_deepseek/05_deepseek_v3); scratchlm.train.MODEL_REGISTRY says how to build each
+MODELS = ("gpt", "llama", "deepseek")
 
 
 def train(args: argparse.Namespace) -> None:
@@ -66,6 +69,10 @@ def train(args: argparse.Namespace) -> None:
             from scratchlm.char_llama import char_llama_config
 
             model_config = char_llama_config(model_config)
+        elif args.model == "deepseek":  # MLA + DeepSeekMoE, the Llama's active parameters per token
+            from scratchlm.deepseek import char_deepseek_config
+
+            model_config = char_deepseek_config(model_config)
         if args.steps is not None and args.warmup is None:
             # the profile's warmup is a fraction of its run (100 of 2000 steps at cpu): keep that fraction
             overrides["warmup_steps"] = round(cfg.warmup_steps * args.steps / cfg.max_steps)

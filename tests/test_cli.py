@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from scratchlm.__main__ import main
+from scratchlm.deepseek import DeepseekV3
 from scratchlm.llama import Llama
 from scratchlm.train import MODEL_CONFIG, OPTIMIZER, TOKENIZER, TRAIN_STATE, WEIGHTS, load_model
 
@@ -141,3 +142,18 @@ def test_short_runs_scale_the_warmup(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--profile", "ci", "--steps", "6", "--warmup", "6", "--out", str(tmp_path / "bad"), "--quiet"])
     assert "warmup_steps=6 must be >= 0 and below" in capsys.readouterr().err
+
+
+def test_deepseek_trains_and_samples_from_the_command_line(tmp_path):
+    """--model deepseek: notebook 05_deepseek/05's DeepSeek (MLA, DeepSeekMoE with the balancing bias)."""
+    out = tmp_path / "deepseek"
+    result = run_cli("train", "--model", "deepseek", "--profile", "ci", "--out", str(out), "--quiet")
+    spec = json.loads((out / MODEL_CONFIG).read_text())
+    assert spec["model"] == "deepseek" and spec["config"]["bias_update_speed"] == 1e-3
+    model = load_model(out)
+    assert isinstance(model, DeepseekV3) and f"with {model.num_parameters():,} parameters" in result.stdout
+    assert any(m.gate.e_score_correction_bias.abs().sum() > 0 for m in model.moe_layers())  # the bias moved, was saved
+    evals = json.loads((out / TRAIN_STATE).read_text())["history"]["eval"]
+    assert evals[-1]["step"] == 40 and evals[-1]["val"] < evals[0]["val"] - 0.5
+    text = run_cli("sample", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "3").stdout
+    assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 20 + 1

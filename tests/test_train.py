@@ -332,7 +332,7 @@ def test_bad_checkpoints_are_refused_with_what_is_wrong(shakespeare, tmp_path):
 
 
 def test_bad_configs_are_refused():
-    with pytest.raises(ValueError, match="unknown model 'mamba'; scratchlm can build: gpt, llama"):
+    with pytest.raises(ValueError, match="unknown model 'mamba'; scratchlm can build: deepseek, gpt, llama"):
         build_model("mamba", {})
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         TrainConfig(batch_size=0)
