@@ -87,13 +87,16 @@ class TaskConfig:
     batch_size: int = 128
     lr: float = 3e-3
     noise: float = 0.5  # share of training answers the annotator reversed
+    control_steps: int = 500  # notebook 02's control: this much more SFT on the same noisy data
+    control_lr: float = 1e-3
 
 
 def task_config(profile: str | None = None) -> TaskConfig:
     """The task's sizes for a profile; `gpu` runs the `cpu` recipe (the task is tiny)."""
     if profile is not None and profile not in ("ci", "cpu", "gpu"):
         raise ValueError(f"profile={profile!r} is not a profile; use ci, cpu or gpu")
-    return by_profile(ci=TaskConfig(sft_steps=300), cpu=TaskConfig(), gpu=TaskConfig(), profile=profile)
+    return by_profile(ci=TaskConfig(sft_steps=600, control_steps=100), cpu=TaskConfig(), gpu=TaskConfig(),
+                      profile=profile)
 
 
 def task_model(cfg: TaskConfig, seed: int = 0) -> GPT:
@@ -103,8 +106,11 @@ def task_model(cfg: TaskConfig, seed: int = 0) -> GPT:
 
 
 def train_sft(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, steps: int, batch_size: int = 128,
-              lr: float = 3e-3, seed: int = 0) -> list[float]:
-    """`steps` AdamW steps of answer_loss on random batches of (ids, mask); returns the loss of each step."""
+              lr: float = 3e-3, seed: int = 0, callback=None) -> list[float]:
+    """`steps` AdamW steps of answer_loss on random batches of (ids, mask); returns the loss of each step.
+
+    callback(step, model), if given, runs after each step (step counts from 1), e.g. to score held-out accuracy.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     cosine = lambda step: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps))  # peak -> peak / 10
@@ -120,6 +126,8 @@ def train_sft(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, steps: in
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
+        if callback is not None:
+            callback(len(losses), model)
     model.eval()
     return losses
 

@@ -87,7 +87,7 @@ def test_greedy_answers_follow_the_argmax():
 
 def test_ci_sft_learns_the_annotators_two_answers():
     """Seeded, ci profile: direction only. The ci model is too small to reach the cpu profile's 51%, but after
-    300 steps over a quarter of its held-out answers are the correct or the reversed sum (chance: ~1 in 100)."""
+    600 steps over a quarter of its held-out answers are the correct or the reversed sum (chance: ~1 in 100)."""
     cfg = task_config("ci")
     split = addition_split()
     model = task_model(cfg, seed=0)

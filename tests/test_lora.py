@@ -153,7 +153,7 @@ def test_bad_input(call, message):
 
 
 def test_lora_fine_tune_on_verified_answers_beats_the_noisy_base():
-    """Seeded, ci profile (300 SFT steps): direction only, LoRA on 256 verified answers lifts held-out accuracy."""
+    """Seeded, ci profile (600 SFT steps): direction only, LoRA on 256 verified answers lifts held-out accuracy."""
     from scratchlm.arith import (
         accuracy,
         addition_split,
