@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scratchlm.dpo import dpo_loss, dpo_metrics, preference_pairs, train_dpo
+from scratchlm.dpo import dpo_loss, dpo_metrics, hf_char_tokenizer, preference_pairs, train_dpo
 
 
 def reference_preference_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
@@ -33,15 +33,11 @@ def trl_batch():
     """TRL's losses for each loss type and our sequence log-probs, from the same models and batch."""
     pytest.importorskip("trl", reason="trl is a dev dependency (pip install -e '.[dev]')")
     import datasets
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
     from trl import DPOConfig, DPOTrainer
 
     datasets.disable_progress_bars()
-    vocab = {ch: i for i, ch in enumerate("\n#+0123456789=")} | {"<eos>": 14}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="#"))
-    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="#")
+    tok = hf_char_tokenizer()
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=15, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=32, pad_token_id=1, eos_token_id=14)
