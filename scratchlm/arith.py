@@ -5,7 +5,7 @@ __all__ = ['TASK_CHARS', 'EOS', 'PAD', 'TOKENIZER', 'addition_split', 'prompts',
            'noisy_answers', 'encode_examples', 'token_logps', 'answer_loss', 'TaskConfig', 'task_config', 'task_model',
            'train_sft', 'greedy_answers', 'accuracy', 'noisy_sft_data']
 
-# %% ../notebooks/06_alignment/00_noisy_addition.ipynb #b3e1b0d4
+# %% ../notebooks/06_alignment/00_noisy_addition.ipynb #1756b59c
 import math
 from dataclasses import dataclass
 
@@ -49,7 +49,7 @@ def noisy_answers(problems: torch.Tensor, noise: float = 0.5, generator: torch.G
     flips = (torch.rand(len(problems), generator=generator) < noise).tolist()
     return [r if flip else c for c, r, flip in zip(correct_answers(problems), reversed_answers(problems), flips, strict=True)]
 
-# %% ../notebooks/06_alignment/00_noisy_addition.ipynb #b52afde3
+# %% ../notebooks/06_alignment/00_noisy_addition.ipynb #d1884537
 def encode_examples(prompts: list[str], answers: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """prompt + answer + EOS as ids (N, T), right-padded with PAD, and a bool mask (N, T) on answer tokens."""
     if len(prompts) != len(answers):
@@ -77,7 +77,7 @@ def answer_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torc
     targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)  # -100: ignored by cross_entropy
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
 
-# %% ../notebooks/06_alignment/00_noisy_addition.ipynb #e10205f4
+# %% ../notebooks/06_alignment/00_noisy_addition.ipynb #81218830
 @dataclass(frozen=True)
 class TaskConfig:
     n_layer: int = 2

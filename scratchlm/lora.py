@@ -3,7 +3,7 @@
 # %% auto #0
 __all__ = ['LoRALinear', 'check_lora_args', 'add_lora', 'merge_lora', 'check_targets', 'check_every_target_matches']
 
-# %% ../notebooks/06_alignment/01_lora.ipynb #bcc25423
+# %% ../notebooks/06_alignment/01_lora.ipynb #94945c0b
 import math
 
 import torch
@@ -68,7 +68,7 @@ def check_lora_args(base, r, alpha, dropout) -> None:
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
 
-# %% ../notebooks/06_alignment/01_lora.ipynb #21f7bd9e
+# %% ../notebooks/06_alignment/01_lora.ipynb #b13e75bb
 def add_lora(model: nn.Module, r: int, alpha: float, target_modules, dropout: float = 0.0,
              use_rslora: bool = False) -> nn.Module:
     """Wrap, in place, every nn.Linear whose name equals or ends with "." + an entry of target_modules.

@@ -133,7 +133,7 @@ def test_pairs_drop_palindromes():
 def test_ci_dpo_rises_then_over_optimises_and_cdpo_ipo_keep_the_gain():
     """Seeded, ci profile (600 SFT steps, 60 DPO steps): directions, not the cpu profile's margins. Plain DPO's best
     held-out accuracy (every 10 steps) beats the noisy-SFT base and its final one is below its best
-    (over-optimisation); cDPO (beta 0.5, eps 0.3) and IPO (beta 1) end above the base."""
+    (over-optimisation); cDPO (beta 0.5, eps 0.3) and IPO (beta 1) end above the base, and above the control."""
     import copy
 
     from scratchlm.arith import accuracy, addition_split, noisy_sft_data, task_config, task_model, train_sft
@@ -155,3 +155,8 @@ def test_ci_dpo_rises_then_over_optimises_and_cdpo_ipo_keep_the_gain():
     best, final = finals["sigmoid", 0.0]
     assert best > before + 0.1 and final < best - 0.1, (before, best, final)
     assert finals["sigmoid", 0.3][1] > before + 0.1 and finals["ipo", 0.0][1] > before + 0.1, (before, finals)
+    # and against the control (more SFT on the same noisy data): cDPO, IPO and DPO's best beat it by 5 points
+    from scratchlm.grpo import run_method
+
+    control = run_method("sft", base, cfg, split, seed=0, profile="ci")["accuracy_after"]
+    assert min(best, finals["sigmoid", 0.3][1], finals["ipo", 0.0][1]) > control + 0.05, (control, finals)
