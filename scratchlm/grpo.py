@@ -5,7 +5,7 @@ __all__ = ['LOSS_TYPES', 'METHODS', 'DPO_SETTINGS', 'LORA_LR_FACTOR', 'group_adv
            'check_grpo_args', 'sample_groups', 'exact_match_rewards', 'train_grpo', 'run_method', 'format_table',
            'save_base', 'load_base']
 
-# %% ../notebooks/06_alignment/04_grpo.ipynb #aece7799
+# %% ../notebooks/06_alignment/04_grpo.ipynb #a53c0eb1
 import copy
 import json
 import time
@@ -42,7 +42,7 @@ def check_groups(rewards: torch.Tensor, group_size: int, scale: bool) -> None:
     if scale and group_size < 2:
         raise ValueError("a group of 1 has no std; use group_size >= 2, or scale=False")
 
-# %% ../notebooks/06_alignment/04_grpo.ipynb #2ddfc5b0
+# %% ../notebooks/06_alignment/04_grpo.ipynb #43487bb3
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
 
 
@@ -80,7 +80,7 @@ def check_grpo_args(logps, old_logps, ref_logps, advantages, mask, loss_type) ->
     if advantages.numel() != logps.size(0):
         raise ValueError(f"{advantages.numel()} advantages for {logps.size(0)} sequences: give one per sequence")
 
-# %% ../notebooks/06_alignment/04_grpo.ipynb #86f37fcd
+# %% ../notebooks/06_alignment/04_grpo.ipynb #f1e7a4ce
 @torch.no_grad()
 def sample_groups(model: nn.Module, problems: torch.Tensor, group_size: int, generator: torch.Generator | None = None,
                   temperature: float = 1.0, max_new_tokens: int = 4) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -139,7 +139,7 @@ def train_grpo(policy: nn.Module, reference: nn.Module, problems: torch.Tensor, 
     policy.eval()
     return history
 
-# %% ../notebooks/06_alignment/04_grpo.ipynb #5efeeac3
+# %% ../notebooks/06_alignment/04_grpo.ipynb #3d86399a
 METHODS = ("sft", "dpo", "cdpo", "ipo", "grpo")  # "sft" is notebook 02's control: more SFT on the noisy data
 DPO_SETTINGS = {"dpo": dict(beta=0.1, loss_type="sigmoid"), "cdpo": dict(beta=0.5, loss_type="sigmoid", label_smoothing=0.3),
                 "ipo": dict(beta=1.0, loss_type="ipo")}
