@@ -31,7 +31,6 @@ def reference_preference_loss(policy_chosen_logps, policy_rejected_logps, refere
 @pytest.fixture(scope="module")
 def trl_batch():
     """TRL's losses for each loss type and our sequence log-probs, from the same models and batch."""
-    pytest.importorskip("trl", reason="trl is a dev dependency (pip install -e '.[dev]')")
     import datasets
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl import DPOConfig, DPOTrainer

@@ -18,7 +18,6 @@ from scratchlm.grpo import LOSS_TYPES, exact_match_rewards, group_advantages, gr
 
 @pytest.fixture(scope="module")
 def trl_case():
-    pytest.importorskip("trl", reason="trl is a dev dependency (pip install -e '.[dev]')")
     import datasets
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl import GRPOConfig, GRPOTrainer

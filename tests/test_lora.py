@@ -11,12 +11,10 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from peft import LoraConfig, get_peft_model  # pinned in the dev extras: a missing peft fails, never skips
 
-peft = pytest.importorskip("peft", reason="peft is a dev dependency (pip install -e '.[dev]')")
-from peft import LoraConfig, get_peft_model  # noqa: E402
-
-from scratchlm.gpt import GPT, GPTConfig, from_hf  # noqa: E402
-from scratchlm.lora import LoRALinear, add_lora, merge_lora  # noqa: E402
+from scratchlm.gpt import GPT, GPTConfig, from_hf
+from scratchlm.lora import LoRALinear, add_lora, merge_lora
 
 
 def tiny_gpt(seed=0) -> GPT:
