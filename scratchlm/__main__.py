@@ -1,10 +1,11 @@
-"""The scratchlm command line: train a chapter model on TinyShakespeare, sample from a checkpoint.
+"""The scratchlm command line: train a chapter model on TinyShakespeare, sample from a checkpoint, align (chapter 06).
 
     python -m scratchlm train --model gpt --profile cpu --out runs/shakespeare-char
     python -m scratchlm train --model llama --profile cpu --out runs/llama-char
     python -m scratchlm train --model deepseek --profile cpu --out runs/deepseek-char
     python -m scratchlm train --out runs/shakespeare-char --resume
     python -m scratchlm sample runs/shakespeare-char --prompt "ROMEO:" --max-new-tokens 300 --seed 1
+    python -m scratchlm align --method all --profile cpu --seed 0 --json runs/align.json
 
 Training uses the same code and settings as notebook 03_gpt/03_training (`scratchlm.train`,
 `shakespeare_char_config`; for `--model llama`, the size-matched Llama of 04_llama/05_llama_vs_gpt; for
@@ -115,6 +116,43 @@ def sample(args: argparse.Namespace) -> None:
     print(tokenizer.decode(out[0].tolist()))
 
 
+def align(args: argparse.Namespace) -> None:
+    """Chapter 06: train the noisy-annotator base model (or load it), run alignment methods, print the table."""
+    import json
+    import time
+
+    from scratchlm.arith import accuracy, addition_split, noisy_sft_data, task_config, task_model, train_sft
+    from scratchlm.data import get_profile
+    from scratchlm.grpo import METHODS, format_table, load_base, run_method, save_base
+
+    if args.lora is not None and args.lora <= 0:
+        raise ValueError(f"--lora {args.lora}: the LoRA rank must be a positive integer")
+    profile = args.profile or get_profile()
+    split = addition_split()
+    if args.base and (Path(args.base) / "model.safetensors").is_file():
+        base, cfg = load_base(args.base)
+        print(f"base model loaded from {args.base}: held-out accuracy {accuracy(base, split['test']):.1%}")
+    else:
+        cfg = task_config(profile)
+        base = task_model(cfg, seed=args.seed)
+        start = time.perf_counter()
+        train_sft(base, *noisy_sft_data(split["train"], cfg, seed=args.seed), cfg.sft_steps, cfg.batch_size, cfg.lr,
+                  seed=args.seed)
+        print(f"profile {profile}, seed {args.seed}: base model (SFT on noisy data, {cfg.sft_steps} steps) trained in "
+              f"{time.perf_counter() - start:.0f} s; held-out accuracy {accuracy(base, split['test']):.1%}")
+        if args.base:
+            save_base(base, cfg, args.base)
+            print(f"base model saved in {args.base} (reuse it with --base {args.base})")
+    methods = METHODS if args.method == "all" else (args.method,)
+    rows = [run_method(m, base, cfg, split, seed=args.seed, lora_rank=args.lora, profile=profile) for m in methods]
+    print(format_table(rows))
+    if args.json:
+        keys = ("method", "accuracy_before", "accuracy_after", "seconds")
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps([{k: row[k] for k in keys} for row in rows], indent=1))
+        print(f"table written to {args.json}")
+
+
 class HelpWithDefaults(argparse.HelpFormatter):
     """Ends each option's help with its default value, where it has one (not for flags and "none given")."""
 
@@ -128,7 +166,7 @@ class HelpWithDefaults(argparse.HelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scratchlm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,sample}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,align}")
 
     defaults = HelpWithDefaults
     t = commands.add_parser("train", help="train a model on TinyShakespeare (characters)", formatter_class=defaults)
@@ -159,6 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=1337, help="random seed: the same seed gives the same text")
     s.add_argument("--device", help="cpu, cuda, ...; none given: cuda when available")
     s.set_defaults(run=sample)
+
+    a = commands.add_parser("align", help="chapter 06: SFT control, DPO, cDPO, IPO, GRPO on the noisy-addition task",
+                            formatter_class=defaults)
+    a.add_argument("--method", default="all", choices=("sft", "dpo", "cdpo", "ipo", "grpo", "all"),
+                   help="which method (sft: the more-SFT control)")
+    a.add_argument("--lora", type=int, metavar="R", help="train LoRA adapters of rank R instead of every weight")
+    a.add_argument("--profile", choices=("ci", "cpu", "gpu"),
+                   help="run size; none given: SCRATCHLM_PROFILE, else gpu with CUDA and cpu without")
+    a.add_argument("--seed", type=int, default=0, help="seed of the base model, its noisy data and each method")
+    a.add_argument("--base", metavar="DIR", help="load the base model from DIR; if DIR holds none, train one and save it there")
+    a.add_argument("--json", metavar="FILE", help="also write the table as a JSON list of objects")
+    a.set_defaults(run=align)
     return parser
 
 
