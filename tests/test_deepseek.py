@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from hf_checkpoints import checkpoint_cache, random_ids
 from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3Config as HFDeepseekV3Config
 from transformers import DeepseekV3ForCausalLM
@@ -55,19 +56,7 @@ def make_checkpoint(name, folder, seed):
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("deepseek_v3")
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = (make_checkpoint(name, root / name, seed=len(cache)), root / name)
-        return cache[name]
-
-    return get
-
-
-def random_ids(shape, seed=0):
-    return torch.randint(0, SIZES["vocab_size"], shape, generator=torch.Generator().manual_seed(seed))
+    return checkpoint_cache(tmp_path_factory.mktemp("deepseek_v3"), make_checkpoint)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -75,7 +64,7 @@ def test_logits_match_transformers(checkpoints, name):
     reference, folder = checkpoints(name)
     ours = from_hf(folder)
     assert isinstance(ours, DeepseekV3)
-    ids = random_ids((2, 24))
+    ids = random_ids(SIZES["vocab_size"], (2, 24))
     with torch.no_grad():
         expected = reference(ids).logits
         assert (ours(ids) - expected).abs().max().item() < 1e-5
@@ -86,7 +75,7 @@ def test_logits_match_transformers(checkpoints, name):
 def test_greedy_generation_matches_transformers(checkpoints, name):
     reference, folder = checkpoints(name)
     ours = from_hf(folder)
-    prompt = random_ids((2, 5), seed=1)
+    prompt = random_ids(SIZES["vocab_size"], (2, 5), seed=1)
     with_cache = generate(ours, prompt, max_new_tokens=20)
     assert torch.equal(with_cache, generate(ours, prompt, max_new_tokens=20, use_cache=False))
     assert torch.equal(with_cache, generate(ours.use_absorption(), prompt, max_new_tokens=20))
@@ -100,7 +89,7 @@ def test_the_cache_holds_latents(checkpoints):
     cache = model.make_cache()
     assert isinstance(cache, KVCache)
     with torch.no_grad():
-        model(random_ids((1, 10)), cache=cache)
+        model(random_ids(SIZES["vocab_size"], (1, 10)), cache=cache)
     latent, k_rope = cache[0]
     assert latent.shape == (1, 1, 10, 16) and k_rope.shape == (1, 1, 10, 8)
     assert cache.nbytes == 3 * 10 * (16 + 8) * 4
@@ -123,7 +112,7 @@ def test_mtp_layer_of_a_released_checkpoint_is_left_out(checkpoints, tmp_path):
     tensors["model.layers.3.eh_proj.weight"] = torch.zeros(64, 128)
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
     save_file(tensors, tmp_path / "model.safetensors")
-    ids = random_ids((1, 12))
+    ids = random_ids(SIZES["vocab_size"], (1, 12))
     with torch.no_grad():
         assert (from_hf(tmp_path)(ids) - reference(ids).logits).abs().max().item() < 1e-5
 

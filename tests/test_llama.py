@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from hf_checkpoints import checkpoint_cache, random_ids
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, MistralConfig, Qwen2Config, Qwen3Config
 from transformers import LlamaConfig as HFLlamaConfig
@@ -84,19 +85,7 @@ def make_checkpoint(config, folder, seed=0):
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("checkpoints")
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = (make_checkpoint(CASES[name], root / name, seed=len(cache)), root / name)
-        return cache[name]
-
-    return get
-
-
-def random_ids(vocab, shape, seed=0):
-    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+    return checkpoint_cache(tmp_path_factory.mktemp("checkpoints"), lambda name, folder, seed: make_checkpoint(CASES[name], folder, seed=seed))
 
 
 @pytest.mark.parametrize("name", list(CASES))

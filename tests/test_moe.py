@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from hf_checkpoints import checkpoint_cache, random_ids
 from safetensors.torch import load_file, save_file
 from transformers import Qwen3MoeConfig as HFQwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import (
@@ -206,19 +207,7 @@ def make_checkpoint(name, folder, seed=0):
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("qwen3_moe")
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = (make_checkpoint(name, root / name, seed=len(cache)), root / name)
-        return cache[name]
-
-    return get
-
-
-def random_ids(shape, seed=0):
-    return torch.randint(0, SIZES["vocab_size"], shape, generator=torch.Generator().manual_seed(seed))
+    return checkpoint_cache(tmp_path_factory.mktemp("qwen3_moe"), make_checkpoint)
 
 
 def stacked_copy(hf_model, folder, tmp_path):
@@ -234,7 +223,7 @@ def stacked_copy(hf_model, folder, tmp_path):
 def test_qwen3_moe_logits_match_transformers(checkpoints, name, tmp_path):
     hf_model, folder = checkpoints(name)
     assert any(".experts.0.gate_proj.weight" in key for key in load_file(folder / "model.safetensors"))
-    ids = random_ids((2, 24))
+    ids = random_ids(SIZES["vocab_size"], (2, 24))
     with torch.no_grad():
         expected = hf_model(ids).logits
         for path in (folder, stacked_copy(hf_model, folder, tmp_path)):
@@ -256,7 +245,7 @@ def test_qwen3_moe_layer_layout(checkpoints):
 def test_qwen3_moe_greedy_generation_matches_transformers(checkpoints, name):
     hf_model, folder = checkpoints(name)
     ours = from_hf(folder)
-    prompt = random_ids((2, 5), seed=1)
+    prompt = random_ids(SIZES["vocab_size"], (2, 5), seed=1)
     with_cache = generate(ours, prompt, max_new_tokens=20)
     assert torch.equal(with_cache, generate(ours, prompt, max_new_tokens=20, use_cache=False))
     with torch.no_grad():
@@ -266,7 +255,7 @@ def test_qwen3_moe_greedy_generation_matches_transformers(checkpoints, name):
 def test_qwen3_moe_aux_loss_matches_transformers(checkpoints):
     hf_model, folder = checkpoints("every-layer-sparse")
     ours = from_hf(folder)
-    ids = random_ids((2, 16))
+    ids = random_ids(SIZES["vocab_size"], (2, 16))
     with torch.no_grad():
         expected = hf_model(ids, output_router_logits=True).aux_loss
         ours(ids)
@@ -338,6 +327,6 @@ def test_released_style_config_with_num_experts_loads(checkpoints, tmp_path):
     out.mkdir()
     (out / "config.json").write_text(json.dumps(config))
     (out / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
-    ids = random_ids((1, 12))
+    ids = random_ids(SIZES["vocab_size"], (1, 12))
     with torch.no_grad():
         assert (from_hf(out)(ids) - hf_model(ids).logits).abs().max().item() < 1e-5
