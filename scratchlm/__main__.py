@@ -4,6 +4,7 @@
     python -m scratchlm train --model llama --profile cpu --out runs/llama-char
     python -m scratchlm train --model deepseek --profile cpu --out runs/deepseek-char
     python -m scratchlm train --out runs/shakespeare-char --resume
+    torchrun --nproc_per_node=2 -m scratchlm train --model gpt --profile gpu --out runs/ddp   # data-parallel
     python -m scratchlm sample runs/shakespeare-char --prompt "ROMEO:" --max-new-tokens 300 --seed 1
     python -m scratchlm align --method all --profile cpu --seed 0 --json runs/align.json
 
@@ -11,7 +12,9 @@ Training uses the same code and settings as notebook 03_gpt/03_training (`scratc
 `shakespeare_char_config`; for `--model llama`, the size-matched Llama of 04_llama/05_llama_vs_gpt; for
 `--model deepseek`, the DeepSeek-style model of 05_deepseek/05_deepseek_v3, with that Llama's active parameters)
 and saves a checkpoint folder every evaluation and at the end; the folder holds the tokenizer, so
-sampling needs no data file. `python -m scratchlm COMMAND --help` lists each command's options.
+sampling needs no data file. Launched by `torchrun --nproc_per_node=N`, `train` runs data-parallel on N
+processes (NCCL on CUDA, gloo on CPU; section 11 of 03_training). `python -m scratchlm COMMAND --help`
+lists each command's options.
 """
 # (for maintainers: this module is hand-written, it has no notebook)
 
@@ -27,6 +30,17 @@ MODELS = ("gpt", "llama", "deepseek")
 
 
 def train(args: argparse.Namespace) -> None:
+    from scratchlm.train import start_data_parallel, stop_data_parallel
+
+    # under torchrun with several processes: join their group first (NCCL on CUDA, gloo on CPU)
+    device = start_data_parallel(args.device or "auto")
+    try:
+        _train(args, device)
+    finally:
+        stop_data_parallel()
+
+
+def _train(args: argparse.Namespace, parallel_device: str | None) -> None:
     import torch
 
     from scratchlm.data import get_profile
@@ -34,19 +48,22 @@ def train(args: argparse.Namespace) -> None:
         TRAIN_STATE,
         Trainer,
         build_model,
+        process_rank_and_count,
         shakespeare_char_config,
         shakespeare_char_data,
         split_loss,
     )
 
+    rank, processes = process_rank_and_count()
+    say = print if rank == 0 else (lambda *_: None)  # process 0 alone prints
     out = Path(args.out)
     overrides = {"out_dir": str(out)}
     if args.steps is not None:
         overrides["max_steps"] = args.steps
     if args.warmup is not None:
         overrides["warmup_steps"] = args.warmup
-    if args.device is not None:
-        overrides["device"] = args.device
+    if parallel_device is not None or args.device is not None:
+        overrides["device"] = parallel_device or args.device
     if args.compile is not None:
         overrides["compile"] = args.compile
     tokenizer, train_data, val_data = shakespeare_char_data()
@@ -57,9 +74,9 @@ def train(args: argparse.Namespace) -> None:
         trainer = Trainer.from_checkpoint(out, train_data, val_data, **overrides)
         if args.model != trainer.model_name:
             raise ValueError(f"--model {args.model}, but the checkpoint in {out} holds a {trainer.model_name!r} model")
-        print(f"resuming {out} at step {trainer.step} of {trainer.cfg.max_steps}")
+        say(f"resuming {out} at step {trainer.step} of {trainer.cfg.max_steps}")
         if trainer.step >= trainer.cfg.max_steps:
-            print(f"already trained for max_steps={trainer.cfg.max_steps}; pass --steps N to train longer")
+            say(f"already trained for max_steps={trainer.cfg.max_steps}; pass --steps N to train longer")
     else:
         if (out / TRAIN_STATE).is_file():
             raise FileExistsError(f"{out} already holds a checkpoint: pass --resume to continue it, "
@@ -78,21 +95,28 @@ def train(args: argparse.Namespace) -> None:
             # the profile's warmup is a fraction of its run (100 of 2000 steps at cpu): keep that fraction
             overrides["warmup_steps"] = round(cfg.warmup_steps * args.steps / cfg.max_steps)
         cfg = replace(cfg, checkpoint_interval=cfg.eval_interval, **overrides)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the same initial weights in every process
         model = build_model(args.model, model_config)
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"profile {profile}: {args.model} with {n_params:,} parameters {model_config}")
-        print(f"{cfg.max_steps} steps of {cfg.batch_size * cfg.grad_accum_steps} x {cfg.block_size} tokens, "
-              f"lr {cfg.lr} -> {cfg.min_lr} after {cfg.warmup_steps} warmup steps; checkpoints in {out}")
+        say(f"profile {profile}: {args.model} with {n_params:,} parameters {model_config}")
+        per_process = f" ({processes} processes x {cfg.batch_size // processes})" if processes > 1 else ""
+        say(f"{cfg.max_steps} steps of {cfg.batch_size * cfg.grad_accum_steps}{per_process} x {cfg.block_size} "
+            f"tokens, lr {cfg.lr} -> {cfg.min_lr} after {cfg.warmup_steps} warmup steps; checkpoints in {out}")
         trainer = Trainer(model, cfg, train_data, val_data, model_name=args.model, model_config=model_config,
                           tokenizer=tokenizer)
-    trainer.fit(progress=not args.quiet)
+    if args.stop_at is not None and args.stop_at <= trainer.step:
+        raise ValueError(f"--stop-at {args.stop_at}: the run is already at step {trainer.step}; choose a later step")
+    trainer.fit(until=args.stop_at, progress=not args.quiet)
+    if rank > 0:
+        return
     final = trainer.history["eval"][-1]
     exact = split_loss(trainer.model, val_data, trainer.cfg.block_size, device=trainer.device,
                        autocast=trainer.autocast)
     print(f"step {trainer.step}: train loss {final['train']:.4f}, val loss {final['val']:.4f} (estimates at step "
           f"{final['step']}); val loss on the whole split {exact:.4f}; {trainer.elapsed:.0f} s of training; "
           f"checkpoint in {out}")
+    if trainer.step < trainer.cfg.max_steps:
+        print(f"stopped at step {trainer.step} of {trainer.cfg.max_steps}: continue with --resume")
     print(f"sample from it: python -m scratchlm sample {out}")
 
 
@@ -182,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="cpu, cuda, cuda:1, ...; none given: cuda when available")
     t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model; none given: on for the gpu profile")
+    t.add_argument("--stop-at", type=int, metavar="STEP", help="stop after this step and save, keeping the "
+                   "schedule of the whole run (continue later with --resume); none given: train to the end")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(run=train)
 

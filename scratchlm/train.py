@@ -5,22 +5,26 @@ __all__ = ['DTYPES', 'EMBEDDING_MODULES', 'MODEL_REGISTRY', 'WEIGHTS', 'MODEL_CO
            'TrainConfig', 'shakespeare_char_config', 'shakespeare_char_data', 'lr_at', 'configure_optimizer',
            'next_token_loss', 'accumulate_gradients', 'resolve_device', 'autocast_dtype', 'precision_note',
            'autocast_context', 'estimate_loss', 'split_loss', 'save_weights', 'load_weights', 'build_model',
-           'check_checkpoint', 'save_tokenizer', 'load_tokenizer', 'load_model', 'Trainer']
+           'check_checkpoint', 'save_tokenizer', 'load_tokenizer', 'load_model', 'process_rank_and_count', 'Trainer',
+           'start_data_parallel', 'stop_data_parallel']
 
 # %% ../notebooks/03_gpt/03_training.ipynb #932b788e
 import importlib
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .data import CharTokenizer, by_profile, get_batch, tinyshakespeare, train_val_split
@@ -141,7 +145,8 @@ def configure_optimizer(model: nn.Module, weight_decay: float, lr: float, betas:
         print(f"weight decay {weight_decay} on {len(decay)} tensors ({n_decay:,} parameters); "
               f"none on {len(no_decay)} tensors ({n_no_decay:,} parameters: embeddings, norms, biases)")
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(p.is_cuda for p in decay + no_decay) and torch.cuda.is_available()  # one kernel for all tensors
+    # fused: one kernel updates every tensor (CUDA, and CPU since PyTorch 2.4), instead of a loop over them
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in decay + no_decay)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
 
 # %% ../notebooks/03_gpt/03_training.ipynb #d32be12f
@@ -157,15 +162,19 @@ def accumulate_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mic
     Each micro-batch's mean loss is divided by the number of micro-batches, so the sum of their gradients
     is the whole batch's. Returns the batch's mean loss (a detached scalar tensor). With a `scaler` (float16
     training), each backward pass runs on the scaled loss, so small gradients do not underflow to zero.
+    A `DistributedDataParallel` model averages the gradients across processes in the last backward pass
+    only: `no_sync()` skips that all-reduce for the others, whose gradients just add up locally.
     """
     if x.size(0) % micro_batches:
         raise ValueError(f"a batch of {x.size(0)} sequences does not split into {micro_batches} equal micro-batches")
     total = torch.zeros((), device=x.device)
-    for xb, yb in zip(x.chunk(micro_batches), y.chunk(micro_batches), strict=True):
-        with autocast():
-            logits = model(xb)  # (B / micro_batches, T, V)
-        loss = next_token_loss(logits, yb) / micro_batches
-        (loss if scaler is None else scaler.scale(loss)).backward()
+    no_sync = getattr(model, "no_sync", None)  # only DistributedDataParallel has it
+    for i, (xb, yb) in enumerate(zip(x.chunk(micro_batches), y.chunk(micro_batches), strict=True)):
+        with nullcontext() if no_sync is None or i == micro_batches - 1 else no_sync():
+            with autocast():
+                logits = model(xb)  # (B / micro_batches, T, V)
+            loss = next_token_loss(logits, yb) / micro_batches
+            (loss if scaler is None else scaler.scale(loss)).backward()
         total += loss.detach()
     return total
 
@@ -353,11 +362,22 @@ def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> nn.M
     return model.to(device).eval()
 
 # %% ../notebooks/03_gpt/03_training.ipynb #104af9ee
+def process_rank_and_count() -> tuple[int, int]:
+    """(this process's rank, the number of processes): (0, 1) unless torchrun started several (section 11)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class Trainer:
     """Trains a next-token model (input ids (B, T) -> logits (B, T, V)) with the settings of a TrainConfig.
 
     `model_name` and `model_config` (a registry name and its config) go into checkpoints so `load_model`
     can rebuild the model; `tokenizer` (a CharTokenizer) goes there too, so sampling needs no data file.
+
+    Under `torchrun` (section 11) it trains data-parallel: each of the N processes holds the model,
+    draws `batch_size / N` sequences per micro-step from its own generator, and the gradients are
+    averaged across processes before each step. Process 0 alone evaluates, prints and writes checkpoints.
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, train_data: torch.Tensor, val_data: torch.Tensor, *,
@@ -365,27 +385,36 @@ class Trainer:
         for split, data in (("train", train_data), ("val", val_data)):
             if len(data) <= cfg.block_size:
                 raise ValueError(f"the {split} split has {len(data)} tokens, need more than block_size={cfg.block_size}")
-        self.cfg, self.verbose = cfg, verbose
+        self.rank, self.world_size = process_rank_and_count()
+        if cfg.batch_size % self.world_size:
+            raise ValueError(f"batch_size={cfg.batch_size} does not split across {self.world_size} processes: "
+                             f"choose a batch size divisible by torchrun's --nproc_per_node")
+        self.cfg, self.verbose = cfg, verbose and self.rank == 0
         self.device = resolve_device(cfg.device)
         dtype = autocast_dtype(cfg.dtype, self.device)
         self.autocast = autocast_context(self.device, dtype)
         # float16 needs loss scaling; bfloat16 and float32 do not
         self.scaler = torch.amp.GradScaler(self.device.type) if dtype == torch.float16 else None
-        if verbose:
+        if self.verbose:
             print(f"precision: {precision_note(dtype)}; torch.compile {'on' if cfg.compile else 'off'}")
         self.model = model.to(self.device)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model  # saves go through self.model
+        self.eval_forward = torch.compile(self.model) if cfg.compile else self.model  # saves go through self.model
+        self.forward = self.eval_forward  # what training steps call: with several processes, wrapped in DDP
+        if self.world_size > 1:  # copies rank 0's weights to every process, then averages gradients
+            self.forward = DistributedDataParallel(self.eval_forward, device_ids=[self.device.index]
+                                                   if self.device.type == "cuda" else None)
         self.train_data, self.val_data = train_data, val_data
         self.model_name, self.model_config, self.tokenizer = model_name, _as_dict(model_config), tokenizer
-        self.optimizer = configure_optimizer(self.model, cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), verbose)
-        self.data_generator = torch.Generator().manual_seed(cfg.seed)  # draws the training batches
+        self.optimizer = configure_optimizer(self.model, cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2),
+                                            self.verbose)
+        self.data_generator = torch.Generator().manual_seed(cfg.seed + self.rank)  # draws the training batches
         self.step, self.elapsed = 0, 0.0
         self.first_step_seconds = None  # with torch.compile: the first evaluation and step, compilation included
         self.history = {"train_loss": [], "lr": [], "grad_norm": [], "eval": []}
 
     def evaluate(self) -> dict:
         cfg = self.cfg
-        losses = estimate_loss(self.forward, {"train": self.train_data, "val": self.val_data}, cfg.block_size,
+        losses = estimate_loss(self.eval_forward, {"train": self.train_data, "val": self.val_data}, cfg.block_size,
                                cfg.batch_size, cfg.eval_iters, cfg.seed, self.device, self.autocast)
         self.history["eval"].append({"step": self.step, **losses})
         if self.verbose:
@@ -398,9 +427,11 @@ class Trainer:
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x, y = get_batch(self.train_data, cfg.block_size, cfg.batch_size * cfg.grad_accum_steps,
-                         self.data_generator, self.device)  # (B * accum, T), split into micro-batches
+        x, y = self.next_batch()  # (B * accum, T), split into micro-batches
         loss = accumulate_gradients(self.forward, x, y, cfg.grad_accum_steps, self.autocast, self.scaler)
+        if self.world_size > 1:  # report the mean loss over all processes' sequences
+            dist.all_reduce(loss)
+            loss /= self.world_size
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip and report the true gradients, not the scaled ones
         if cfg.grad_clip > 0:
@@ -421,15 +452,22 @@ class Trainer:
         self.history["grad_norm"].append(norm.item())
         return loss
 
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's sequences for one optimizer step: (batch_size / processes) * grad_accum_steps of them."""
+        cfg = self.cfg
+        return get_batch(self.train_data, cfg.block_size, cfg.batch_size // self.world_size * cfg.grad_accum_steps,
+                         self.data_generator, self.device)
+
     def fit(self, until: int | None = None, progress: bool = True) -> dict:
         """Train from the current step to `until` (default: max_steps); returns the history."""
         cfg = self.cfg
         last = cfg.max_steps if until is None else min(until, cfg.max_steps)
         self.model.train()
-        bar = tqdm(total=last, initial=self.step, desc="train", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(total=last, initial=self.step, desc="train", disable=not progress or self.rank > 0,
+                   dynamic_ncols=True)
         start = time.perf_counter()
         while self.step < last:
-            if self.step % cfg.eval_interval == 0:
+            if self.step % cfg.eval_interval == 0 and self.rank == 0:
                 self.evaluate()
             loss = self.train_step()
             if cfg.compile and self.first_step_seconds is None:
@@ -444,7 +482,7 @@ class Trainer:
                 start = time.perf_counter()
                 self.save(cfg.out_dir)
         bar.close()
-        if self.step == cfg.max_steps and (not self.history["eval"] or self.history["eval"][-1]["step"] != self.step):
+        if self.rank == 0 and self.step == cfg.max_steps and (not self.history["eval"] or self.history["eval"][-1]["step"] != self.step):
             self.evaluate()
         self.elapsed += time.perf_counter() - start
         if cfg.out_dir:
@@ -452,22 +490,35 @@ class Trainer:
         return self.history
 
     def save(self, ckpt_dir: str | Path) -> Path:
-        """Write a checkpoint folder: weights, model config, tokenizer, train state, optimizer and RNG states."""
+        """Write a checkpoint folder: weights, model config, tokenizer, train state, optimizer and RNG states.
+
+        With several processes every one calls it (their random states are gathered) and process 0 writes."""
         ckpt_dir = Path(ckpt_dir)
+        rng = {"torch": torch.get_rng_state(), "data": self.data_generator.get_state(),
+               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        if self.world_size > 1:
+            every_rng = [None] * self.world_size
+            dist.all_gather_object(every_rng, rng)
+            if self.rank > 0:
+                dist.barrier()  # wait until process 0 has written the folder
+                return ckpt_dir
+            rng = {**rng, "by_rank": every_rng}
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         save_weights(self.model, ckpt_dir / WEIGHTS, metadata={"step": str(self.step)})
         (ckpt_dir / MODEL_CONFIG).write_text(json.dumps({"model": self.model_name, "config": self.model_config},
                                                         indent=1))
         if self.tokenizer is not None:
             save_tokenizer(self.tokenizer, ckpt_dir / TOKENIZER)
-        rng = {"torch": torch.get_rng_state(), "data": self.data_generator.get_state(),
-               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
         scaler = None if self.scaler is None else self.scaler.state_dict()
         torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": rng, "scaler": scaler},
                    ckpt_dir / OPTIMIZER)
         # written last: a folder whose train_state.json disagrees with the rest was interrupted while saving
         state = {"step": self.step, "elapsed": self.elapsed, "train_config": asdict(self.cfg), "history": self.history}
+        if self.world_size > 1:
+            state["processes"] = self.world_size
         (ckpt_dir / TRAIN_STATE).write_text(json.dumps(state))
+        if self.world_size > 1:
+            dist.barrier()
         return ckpt_dir
 
     @classmethod
@@ -480,6 +531,11 @@ class Trainer:
         """
         ckpt_dir = check_checkpoint(ckpt_dir, (WEIGHTS, MODEL_CONFIG, TRAIN_STATE, OPTIMIZER))
         state = json.loads((ckpt_dir / TRAIN_STATE).read_text())
+        saved_by, now = state.get("processes", 1), process_rank_and_count()[1]
+        if saved_by != now:
+            raise ValueError(f"{ckpt_dir} was trained by {saved_by} process(es) and this run has {now}: each process "
+                             f"draws its own batches, so resume with the same number "
+                             f"(torchrun --nproc_per_node={saved_by}, or no torchrun for 1)")
         spec = json.loads((ckpt_dir / MODEL_CONFIG).read_text())
         known = {f.name for f in fields(TrainConfig)}
         if unknown := sorted(overrides.keys() - known):
@@ -506,8 +562,33 @@ class Trainer:
         if trainer.scaler is not None and saved.get("scaler") is not None:
             trainer.scaler.load_state_dict(saved["scaler"])
         trainer.step, trainer.elapsed, trainer.history = state["step"], state["elapsed"], state["history"]
-        torch.set_rng_state(saved["rng"]["torch"])
-        trainer.data_generator.set_state(saved["rng"]["data"])
-        if saved["rng"]["cuda"] is not None and trainer.device.type == "cuda":
-            torch.cuda.set_rng_state(saved["rng"]["cuda"], trainer.device)
+        rng = saved["rng"]["by_rank"][trainer.rank] if trainer.world_size > 1 else saved["rng"]
+        torch.set_rng_state(rng["torch"])
+        trainer.data_generator.set_state(rng["data"])
+        if rng["cuda"] is not None and trainer.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], trainer.device)
         return trainer
+
+# %% ../notebooks/03_gpt/03_training.ipynb #1cabee52
+def start_data_parallel(device: str = "auto") -> str | None:
+    """Join the processes that `torchrun` started, if it started more than one: NCCL with one GPU per process
+    on CUDA, gloo on CPU. Returns the device this process trains on, or None for a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return None
+    if dist.is_initialized():
+        raise RuntimeError("the process group is already initialised: call start_data_parallel once per process")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"process {local_rank} has no GPU ({torch.cuda.device_count()} visible): "
+                               f"use --nproc_per_node={torch.cuda.device_count()} or fewer")
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return f"cuda:{local_rank}" if use_cuda else "cpu"
+
+
+def stop_data_parallel() -> None:
+    """Leave the process group (if any), so the processes exit cleanly."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
