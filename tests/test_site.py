@@ -31,6 +31,8 @@ NOTEBOOKS = sorted(p for p in (ROOT / "notebooks").glob("*/*.ipynb") if ".ipynb_
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
 MATHJAX = ROOT / "tools" / "site" / "node_modules" / "mathjax" / "es5" / "tex-svg-full.js"
 IMAGE_TYPES = ("image/png", "image/svg+xml", "image/jpeg")
+WIDGET = "application/vnd.jupyter.widget-view+json"
+BAR = re.compile(r"\d+%\|")  # tqdm's "  0%|          | 0/2000"
 MATH = re.compile(r"\$[^$\n]+\$|\\\(|\\\[")  # inline or display TeX left as text
 LOAD_TIMEOUT_MS = 60_000  # a busy 2-core machine typesets a long page in seconds; this is far above that
 
@@ -81,6 +83,12 @@ def folded(path: Path) -> tuple[int, int]:
         else:
             diagrams += 1
     return solutions, diagrams
+
+
+def widgets(path: Path) -> int:
+    """Widget outputs other than progress bars, each of which the page replaces by a line of text."""
+    return sum(1 for cell in cells(path) if cell["cell_type"] == "code" for output in cell.get("outputs", [])
+               if WIDGET in output.get("data", {}) and not BAR.search("".join(output["data"].get("text/plain", ""))))
 
 
 def has_math(path: Path) -> bool:
@@ -257,6 +265,10 @@ def test_notebook_page(page, base_url, checked_links, screenshots, index):
         assert not cell.locator(".jp-InputArea").first.is_visible(), "a concept diagram's code is not folded"
     if index == 0 or NOTEBOOKS[index - 1].parent != path.parent:  # the first page of each chapter
         save_screenshots(page, screenshots / path.parent.name, solutions)
+    summaries = page.eval_on_selector_all("details.site-solution > summary", "s => s.map(e => e.textContent)")
+    assert all(re.fullmatch(r"Solution( to exercise \d+)?", text) for text in summaries), summaries
+    # widgets need a kernel: each says so in a line of text (its saved repr or raw JSON would mean nothing)
+    assert page.locator(".site-widget").count() == widgets(path)
     if solutions:  # a click opens a solution
         page.locator("details.site-solution > summary").first.click()
         assert page.locator("details.site-solution").first.locator(".jp-InputArea, .jp-RenderedMarkdown").first.is_visible()

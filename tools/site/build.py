@@ -28,6 +28,8 @@ ROOT = HERE.parent.parent
 MATHJAX = HERE / "node_modules" / "mathjax" / "es5"
 MATHJAX_SCRIPT = "tex-svg-full.js"  # SVG output: no web fonts to fetch
 STATIC = "_static"
+PROGRESS_BAR = re.compile(r"\d+%\|")  # tqdm's "  0%|          | 0/2000"
+WIDGET_REPR = re.compile(r"^\w+\(")  # "interactive(children=(...", "HBox(children=(...", "IntProgress(value=0"
 # a chapter's folder is "NN_name"; the names read better spelled out
 CHAPTER_NAMES = {"tokenizer": "Tokenizers", "attention": "Attention", "gpt": "GPT-2", "llama": "The Llama family",
                  "deepseek": "DeepSeek: mixture of experts and latent attention", "alignment": "Alignment"}
@@ -76,6 +78,19 @@ def solution_label(cell) -> str:
     return f"Solution to exercise {match.group(1)}" if match and match.group(1) else "Solution"
 
 
+def widget_note(data) -> str:
+    """What a page shows for a widget. Nothing for a progress bar: its saved first frame ("0%|") says nothing
+    and the line printed after the loop gives the result. The widget's own text when the notebook wrote one
+    ("[dropdowns for the layer, head and sentence: run the notebook in JupyterLab to use them]"), else a
+    general note instead of its Python repr ("interactive(children=(Dropdown(...")."""
+    text = data.get("text/plain", "")
+    if PROGRESS_BAR.search(text):
+        return ""
+    if not text.strip() or WIDGET_REPR.match(text):
+        return "An interactive widget: open this notebook in JupyterLab to use it."
+    return text
+
+
 def link_notebooks(page_html: str) -> str:
     """Links between notebooks (`../03_gpt/01_gpt_model.ipynb#anchor`) point at their pages."""
     return re.sub(r'href="(?![a-z]+:)([^"#]+)\.ipynb(#[^"]*)?"', r'href="\1.html\2"', page_html)
@@ -86,6 +101,7 @@ def exporter() -> HTMLExporter:
     exp.exclude_input_prompt = True
     exp.exclude_output_prompt = True
     exp.register_filter("solution_label", solution_label)
+    exp.register_filter("widget_note", widget_note)
     exp.mathjax_url = f"../{STATIC}/mathjax/{MATHJAX_SCRIPT}"  # every page is one folder down
     return exp
 
