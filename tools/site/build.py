@@ -106,12 +106,19 @@ def exporter() -> HTMLExporter:
     return exp
 
 
+def clear(out: Path) -> None:
+    """Start from an empty folder, so a renamed notebook leaves no stale page; never empty a folder that is
+    not a previous build."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / STATIC / "site.css").is_file():
+            raise SystemExit(f"{out} is not empty and holds no previous build of the site: choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
 def copy_static(out: Path) -> None:
-    if not (MATHJAX / MATHJAX_SCRIPT).is_file():
-        raise SystemExit(f"MathJax is missing ({MATHJAX / MATHJAX_SCRIPT}); install it with "
-                         f"`npm ci --prefix {HERE.relative_to(ROOT)}` (Node.js and npm needed), or run `make site`")
     static = out / STATIC
-    shutil.copytree(MATHJAX, static / "mathjax", dirs_exist_ok=True)
+    shutil.copytree(MATHJAX, static / "mathjax")
     shutil.copy2(HERE / "static" / "site.css", static / "site.css")
 
 
@@ -151,9 +158,12 @@ repository and run <code>make lab</code>. Exercise solutions are folded: click o
 
 
 def build(out: Path, notebooks: Path) -> list[Page]:
+    if not (MATHJAX / MATHJAX_SCRIPT).is_file():
+        raise SystemExit(f"MathJax is missing ({MATHJAX / MATHJAX_SCRIPT}); install it with "
+                         f"`npm ci --prefix {HERE.relative_to(ROOT)}` (Node.js and npm needed), or run `make site`")
     pages = discover(notebooks)
     exp = exporter()
-    out.mkdir(parents=True, exist_ok=True)
+    clear(out)
     copy_static(out)
     for k, page in enumerate(pages):
         nb = nbformat.read(page.notebook, as_version=4)
