@@ -167,9 +167,10 @@ def page(browser, base_url):
 def open_page(page, url: str):
     response = page.goto(url, wait_until="load")
     assert response is not None and response.status == 200, f"{url}: {response and response.status}"
-    # MathJax typesets after the load event; its startup promise resolves when the page is done
+    # the deferred MathJax script has run by the load event; its startup promise resolves once it has typeset
     if page.locator("#MathJax-script").count():
-        page.wait_for_function("window.MathJax && MathJax.startup && MathJax.startup.promise")
+        started = page.evaluate("!!(window.MathJax && MathJax.startup && MathJax.startup.promise)")
+        assert started, f"{url}: MathJax did not start; {page.problems or 'no error reported'}"
         page.evaluate("MathJax.startup.promise.then(() => true)")
 
 
@@ -254,11 +255,14 @@ def test_notebook_page(page, base_url, checked_links, screenshots, index):
 
     # folded cells: solutions closed with nothing of them visible; diagrams show the figure, fold the code
     solutions, diagrams = folded(path)
-    assert page.locator("details.site-solution:not([open])").count() == solutions
-    assert page.locator("details.site-hidden-code:not([open])").count() == diagrams
+    shown = page.locator("details.site-solution:not([open])").count()
+    assert shown == solutions, f"{shown} folded solutions on the page, {solutions} hidden solution cells in the notebook"
+    shown = page.locator("details.site-hidden-code:not([open])").count()
+    assert shown == diagrams, f"{shown} folded drawing codes on the page, {diagrams} concept diagrams in the notebook"
     for k in range(solutions):
         inside = page.locator("details.site-solution").nth(k).locator(".jp-InputArea, .jp-OutputArea, .jp-RenderedMarkdown")
-        assert inside.count() and not any(inside.nth(j).is_visible() for j in range(inside.count()))
+        assert inside.count() and not any(inside.nth(j).is_visible() for j in range(inside.count())), (
+            f"solution {k + 1} shows its content before it is opened")
     for k in range(diagrams):
         cell = page.locator(".jp-Cell", has=page.locator("details.site-hidden-code")).nth(k)
         assert cell.locator(".jp-OutputArea img").first.is_visible(), "a concept diagram's figure is not shown"
@@ -268,10 +272,12 @@ def test_notebook_page(page, base_url, checked_links, screenshots, index):
     summaries = page.eval_on_selector_all("details.site-solution > summary", "s => s.map(e => e.textContent)")
     assert all(re.fullmatch(r"Solution( to exercise \d+)?", text) for text in summaries), summaries
     # widgets need a kernel: each says so in a line of text (its saved repr or raw JSON would mean nothing)
-    assert page.locator(".site-widget").count() == widgets(path)
+    shown = page.locator(".site-widget").count()
+    assert shown == widgets(path), f"{shown} widget notes on the page, {widgets(path)} widgets in the notebook"
     if solutions:  # a click opens a solution
         page.locator("details.site-solution > summary").first.click()
-        assert page.locator("details.site-solution").first.locator(".jp-InputArea, .jp-RenderedMarkdown").first.is_visible()
+        assert page.locator("details.site-solution").first.locator(".jp-InputArea, .jp-RenderedMarkdown").first.is_visible(), (
+            "a click on a solution's summary does not open it")
 
     # navigation: index, previous and next notebook in the course's order, and every link inside the site
     assert page.locator(".site-nav-top .site-home").get_attribute("href") == "../index.html"
