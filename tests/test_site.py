@@ -270,7 +270,8 @@ def test_notebook_page(page, base_url, checked_links, screenshots, index):
     if index == 0 or NOTEBOOKS[index - 1].parent != path.parent:  # the first page of each chapter
         save_screenshots(page, screenshots / path.parent.name, solutions)
     summaries = page.eval_on_selector_all("details.site-solution > summary", "s => s.map(e => e.textContent)")
-    assert all(re.fullmatch(r"Solution( to exercise \d+)?", text) for text in summaries), summaries
+    assert all(re.fullmatch(r"Solution to exercises? \d+((, | and )\d+)*", text) for text in summaries), (
+        f"{summaries}: a solution cell names its exercise in its first lines ('# Exercise 2: ...')")
     # widgets need a kernel: each says so in a line of text (its saved repr or raw JSON would mean nothing)
     shown = page.locator(".site-widget").count()
     assert shown == widgets(path), f"{shown} widget notes on the page, {widgets(path)} widgets in the notebook"

@@ -29,6 +29,7 @@ MATHJAX = HERE / "node_modules" / "mathjax" / "es5"
 MATHJAX_SCRIPT = "tex-svg-full.js"  # SVG output: no web fonts to fetch
 STATIC = "_static"
 PROGRESS_BAR = re.compile(r"\d+%\|")  # tqdm's "  0%|          | 0/2000"
+EXERCISE = re.compile(r"^[#\s]*Exercises?\s+(\d+(?:(?:, | and )\d+)*)")  # "# Exercise 1 and 2 (the numbers ..."
 WIDGET_REPR = re.compile(r"^\w+\(")  # "interactive(children=(...", "HBox(children=(...", "IntProgress(value=0"
 # a chapter's folder is "NN_name"; the names read better spelled out
 CHAPTER_NAMES = {"tokenizer": "Tokenizers", "attention": "Attention", "gpt": "GPT-2", "llama": "The Llama family",
@@ -72,10 +73,15 @@ def discover(notebooks: Path) -> list[Page]:
 
 
 def solution_label(cell) -> str:
-    """'# Exercise 2: the larger base ...' -> 'Solution to exercise 2' (the rest of the line gives it away)."""
-    first = cell.source.lstrip("# ").splitlines()[0] if cell.source.strip() else ""
-    match = re.match(r"Exercises?\s*([\w.,\s]*?)\s*[:.(—-]", first)
-    return f"Solution to exercise {match.group(1)}" if match and match.group(1) else "Solution"
+    """'# Exercise 2: the larger base ...' -> 'Solution to exercise 2' (the rest of the line gives the answer away);
+    '# Exercise 1 and 2 (...)' -> 'Solution to exercises 1 and 2'. Looks at the first three lines, after any
+    '# NBVAL_IGNORE_OUTPUT'."""
+    for line in cell.source.splitlines()[:3]:
+        match = EXERCISE.match(line)
+        if match:
+            numbers = match.group(1)
+            return f"Solution to exercise{'s' if re.search(r'[^0-9]', numbers) else ''} {numbers}"
+    return "Solution"
 
 
 def widget_note(data) -> str:
