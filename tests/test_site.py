@@ -265,7 +265,8 @@ def test_notebook_page(page, base_url, checked_links, screenshots, index):
             f"solution {k + 1} shows its content before it is opened")
     for k in range(diagrams):
         cell = page.locator(".jp-Cell", has=page.locator("details.site-hidden-code")).nth(k)
-        assert cell.locator(".jp-OutputArea img").first.is_visible(), "a concept diagram's figure is not shown"
+        assert cell.locator(".jp-OutputArea img").first.is_visible(), (
+            f"concept diagram {k + 1} shows no figure (is the notebook executed and saved with its outputs?)")
         assert not cell.locator(".jp-InputArea").first.is_visible(), "a concept diagram's code is not folded"
     if index == 0 or NOTEBOOKS[index - 1].parent != path.parent:  # the first page of each chapter
         save_screenshots(page, screenshots / path.parent.name, solutions)
