@@ -9,7 +9,7 @@ JUPYTER_ARGS ?=
 # Only the test targets set SCRATCHLM_PROFILE: `make lab` leaves it to you (cpu without CUDA, gpu with it).
 TEST_PROFILE ?= ci
 
-.PHONY: help lab test lint export check-export unit notebooks execute bench clean
+.PHONY: help lab test lint export check-export unit notebooks execute bench site clean
 
 help:
 	@echo "make lab      set up .venv and open JupyterLab on the course (JUPYTER_ARGS=\"--allow-root\" as root)"
@@ -17,6 +17,7 @@ help:
 	@echo "make export   rewrite scratchlm/ from the notebooks (after you edit one)"
 	@echo "make execute NB=notebooks/01_tokenizer/01_characters_and_bigram.ipynb   run one notebook in place"
 	@echo "make bench    print the benchmark tables (one torch thread; about 15 minutes)"
+	@echo "make site     the course as a website in site/ from the executed notebooks (needs npm); open site/index.html"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +62,15 @@ execute: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/run.py
+
+# the executed notebooks as static pages; MathJax comes from npm (tools/site/package-lock.json), not a CDN
+SITE ?= site
+tools/site/node_modules/.installed: tools/site/package.json tools/site/package-lock.json
+	npm ci --prefix tools/site --no-audit --no-fund
+	touch $@
+
+site: $(VENV)/.dev tools/site/node_modules/.installed
+	$(BIN)/python tools/site/build.py --out $(SITE)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
