@@ -9,7 +9,7 @@ JUPYTER_ARGS ?=
 # Only the test targets set SCRATCHLM_PROFILE: `make lab` leaves it to you (cpu without CUDA, gpu with it).
 TEST_PROFILE ?= ci
 
-.PHONY: help lab test lint export check-export unit notebooks execute bench clean
+.PHONY: help lab test lint export check-export unit notebooks execute bench student clean
 
 help:
 	@echo "make lab      set up .venv and open JupyterLab on the course (JUPYTER_ARGS=\"--allow-root\" as root)"
@@ -17,6 +17,7 @@ help:
 	@echo "make export   rewrite scratchlm/ from the notebooks (after you edit one)"
 	@echo "make execute NB=notebooks/01_tokenizer/01_characters_and_bigram.ipynb   run one notebook in place"
 	@echo "make bench    print the benchmark tables (one torch thread; about 15 minutes)"
+	@echo "make student  write student/: the notebooks with every exercise's solution replaced by an empty cell"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +62,10 @@ execute: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/run.py
+
+# a copy of notebooks/ for a class (tools/student.py --nbgrader DIR also writes an nbgrader source folder)
+student: $(VENV)/.course
+	$(BIN)/python tools/student.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
