@@ -7,7 +7,10 @@ The fake Hub answers the requests huggingface_hub makes (repo info, tree listing
 import hashlib
 import http.server
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -19,6 +22,7 @@ from scratchlm import data
 from scratchlm.gpt import from_hf
 from scratchlm.hf_tokenizer import load_hf_tokenizer
 
+ROOT = Path(__file__).resolve().parent.parent
 COMMIT = "0123456789abcdef0123456789abcdef01234567"  # the one revision every repo of the fake Hub has
 
 
@@ -175,6 +179,23 @@ def test_a_hub_name_downloads_and_loads_as_the_folder_does(hub_env, tiny_repo):
     ids = torch.tensor([[1, 5, 7, 96]])
     with torch.no_grad():
         assert torch.equal(model(ids), local(ids))
+
+
+def test_hf_endpoint_set_before_import_reaches_the_server(tmp_path, tiny_repo):
+    """The way a user points the client elsewhere: HF_ENDPOINT and HF_HOME in the environment of a new process."""
+    env = {**os.environ, "HF_ENDPOINT": "", "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    for name in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_TOKEN"):
+        env.pop(name, None)
+    script = "import scratchlm; m = scratchlm.from_hf('someone/tiny-gpt2'); print(m.config.n_layer, m.config.vocab_size)"
+    with LoopbackServer(HubHandler, repos={"someone/tiny-gpt2": tiny_repo}) as hub:
+        env["HF_ENDPOINT"] = hub.url
+        done = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["2", "97"]
+    assert ("GET", "/someone/tiny-gpt2/resolve/" + COMMIT + "/model.safetensors") in hub.requests
+    assert (tmp_path / "hf-home" / "hub" / "models--someone--tiny-gpt2").is_dir()
 
 
 def test_the_second_call_makes_no_request(hub_env, tiny_repo):
