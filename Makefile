@@ -9,7 +9,7 @@ JUPYTER_ARGS ?=
 # Only the test targets set SCRATCHLM_PROFILE: `make lab` leaves it to you (cpu without CUDA, gpu with it).
 TEST_PROFILE ?= ci
 
-.PHONY: help lab test lint export check-export unit notebooks execute bench site clean
+.PHONY: help lab test lint export check-export unit notebooks execute bench site student clean
 
 help:
 	@echo "make lab      set up .venv and open JupyterLab on the course (JUPYTER_ARGS=\"--allow-root\" as root)"
@@ -18,6 +18,7 @@ help:
 	@echo "make execute NB=notebooks/01_tokenizer/01_characters_and_bigram.ipynb   run one notebook in place"
 	@echo "make bench    print the benchmark tables (one torch thread; about 15 minutes)"
 	@echo "make site     the course as a website in site/ from the executed notebooks (needs npm); open site/index.html"
+	@echo "make student  write student/: the notebooks with every exercise's solution replaced by an empty cell"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +72,10 @@ tools/site/node_modules/.installed: tools/site/package.json tools/site/package-l
 
 site: $(VENV)/.dev tools/site/node_modules/.installed
 	$(BIN)/python tools/site/build.py --out $(SITE)
+
+# a copy of notebooks/ for a class (tools/student.py --nbgrader DIR also writes an nbgrader source folder)
+student: $(VENV)/.course
+	$(BIN)/python tools/student.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

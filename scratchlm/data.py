@@ -6,6 +6,7 @@ __all__ = ['PROFILES', 'DATA_URL', 'DATA_SHA256', 'DATA_FILE', 'get_profile', 'b
 
 # %% ../notebooks/01_tokenizer/01_characters_and_bigram.ipynb #02f2b08e
 import hashlib
+import http.client
 import os
 import tempfile
 import time
@@ -77,17 +78,29 @@ def _checked_text(path: Path) -> str:
 
 
 def _download(url: str, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with urllib.request.urlopen(url, timeout=30) as response:
-        payload = response.read()
-    # write next to the destination and rename, so a failed download never leaves a half file
-    with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp:
-        tmp.write(payload)
+    """Save the file at `url` as `dest` if its SHA-256 is DATA_SHA256; on any failure nothing new is left on disk."""
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            payload = response.read()
+    except http.client.IncompleteRead as err:  # the server announced more bytes than it sent
+        got, total = len(err.partial), len(err.partial) + (err.expected or 0)
+        raise ConnectionError(f"the connection closed after {got:,} of {total:,} bytes") from err
+    except http.client.HTTPException as err:  # a malformed or cut-off answer, not an OSError
+        raise ConnectionError(f"the server's answer was broken ({type(err).__name__}: {err})") from err
     digest = hashlib.sha256(payload).hexdigest()
     if digest != DATA_SHA256:
-        os.unlink(tmp.name)
-        raise ValueError(f"the file downloaded from {url} has SHA-256 {digest}, expected {DATA_SHA256}; not saved")
-    os.replace(tmp.name, dest)
+        raise ValueError(f"the file downloaded from {url} ({len(payload):,} bytes) has SHA-256 {digest}, expected "
+                         f"{DATA_SHA256}; not saved. Try again later, or save a good copy as {dest}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # write beside the destination and rename, so that no half-written file is ever left under the real name
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def tinyshakespeare(url: str = DATA_URL) -> str:
@@ -106,7 +119,8 @@ def tinyshakespeare(url: str = DATA_URL) -> str:
         searched = ", ".join(str(f) for f in folders)
         raise FileNotFoundError(
             f"{DATA_FILE} is not in any of: {searched}; and downloading it from {url} failed ({err}). "
-            f"Put the file in the course's data/ folder, or set SCRATCHLM_DATA to the folder that holds it."
+            f"Download it by other means and save it as {dest}, or in the course's data/ folder, or in a folder "
+            f"you name with SCRATCHLM_DATA."
         ) from err
     return _checked_text(dest)
 

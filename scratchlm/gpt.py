@@ -270,30 +270,66 @@ HUB_FILES = ("config.json", "generation_config.json", "*.safetensors", "model.sa
              "special_tokens_map.json")
 
 
+def _has_weights(folder: Path) -> bool:
+    """Whether a folder holds config.json and every safetensors file of its weights."""
+    if not (folder / "config.json").is_file():
+        return False
+    if (folder / "model.safetensors").is_file():
+        return True
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return False
+    return all((folder / shard).is_file() for shard in json.loads(index.read_text())["weight_map"].values())
+
+
+def _root_cause(err: BaseException) -> str:
+    """The first line of the innermost error (the socket's words, not the wrappers')."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A local checkpoint folder as it is; any other name is downloaded from the Hugging Face Hub."""
+    """A local checkpoint folder as it is; any other name is a Hugging Face Hub model, from the cache or downloaded.
+
+    A model already in the Hugging Face cache (HF_HUB_CACHE) is used from there without asking the Hub,
+    so it loads offline; delete its folder in the cache to download it again.
+    """
     folder = Path(path).expanduser()
     if folder.is_dir():
         return folder
     if folder.exists():
         raise ValueError(f"{path} is a file; from_hf needs the folder that holds config.json and model.safetensors")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     name = str(path)
-    try:
-        return Path(snapshot_download(name, allow_patterns=list(HUB_FILES)))
+    try:  # the cache first: no request at all for a model downloaded before
+        cached = Path(snapshot_download(name, allow_patterns=list(HUB_FILES), local_files_only=True))
+        if _has_weights(cached):  # not a folder that holds only a tokenizer fetched by load_hf_tokenizer
+            return cached
     except HFValidationError as err:
         raise FileNotFoundError(f"{name!r} is not a local folder, nor a valid Hugging Face Hub model name "
                                 f"(like 'gpt2' or 'Qwen/Qwen3-0.6B'); check the path") from err
+    except LocalEntryNotFoundError:
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(f"{name!r} is not a local folder nor in the Hugging Face cache, and HF_HUB_OFFLINE "
+                                f"is set, so it is not downloaded. Pass the path of a folder with config.json and "
+                                f"model.safetensors, or unset HF_HUB_OFFLINE to download it")
+    try:
+        return Path(snapshot_download(name, allow_patterns=list(HUB_FILES)))
     except RepositoryNotFoundError as err:
-        raise FileNotFoundError(f"{name!r} is not a local folder, and the Hugging Face Hub has no public model of "
-                                f"that name; check the spelling (or log in with `hf auth login` for a gated one)") from err
-    except Exception as err:  # offline, DNS, proxy, timeouts: whatever the network layer raises
-        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise FileNotFoundError(f"{name!r} is not a local folder, and the Hugging Face Hub could not be reached to "
-                                f"download it. Pass the path of a folder with config.json and model.safetensors, "
-                                f"or connect to the internet and unset HF_HUB_OFFLINE (The Hub said: {cause})") from err
+        raise FileNotFoundError(f"{name!r} is not a local folder, and the Hugging Face Hub at {constants.ENDPOINT} "
+                                f"has no public model of that name; check the spelling (or log in with "
+                                f"`hf auth login` for a gated one)") from err
+    except Exception as err:  # offline, DNS, proxy, timeouts, a Hub error: whatever the network layer raises
+        raise FileNotFoundError(f"{name!r} is not a local folder nor in the Hugging Face cache, and the Hub at "
+                                f"{constants.ENDPOINT} could not be reached to download it. To work offline, pass "
+                                f"the path of a folder with config.json and model.safetensors, or download the model "
+                                f"once on a machine with a network and set HF_HUB_OFFLINE=1 to use its cache "
+                                f"(HF_HOME) (The Hub said: {_root_cause(err)})") from err
 
 # %% ../notebooks/03_gpt/01_gpt_model.ipynb #79e77718
 # model_type in config.json -> function (hf_config: dict, tensors: dict) -> scratchlm model

@@ -463,7 +463,7 @@ def _added_tokens(entries, vocab: dict[str, int]) -> tuple[dict[str, int], set[s
 
 
 def _tokenizer_file(path) -> Path:
-    """The tokenizer.json for a file, a folder holding one, or a Hub model name (downloaded)."""
+    """The tokenizer.json for a file, a folder holding one, or a Hub model name (from the cache, else downloaded)."""
     local = Path(path).expanduser()
     if local.is_dir():
         if not (local / "tokenizer.json").is_file():
@@ -473,23 +473,43 @@ def _tokenizer_file(path) -> Path:
         return local / "tokenizer.json"
     if local.is_file():
         return local
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    # snapshot_download rather than hf_hub_download: the latter retries a Hub that is down for about 20 s
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     name = str(path)
-    try:
-        return Path(hf_hub_download(name, "tokenizer.json"))
+    try:  # the cache first: no request at all for a tokenizer downloaded before
+        cached = Path(snapshot_download(name, allow_patterns=["tokenizer.json"], local_files_only=True))
+        if (cached / "tokenizer.json").is_file():
+            return cached / "tokenizer.json"
     except HFValidationError as err:
         raise FileNotFoundError(f"{name!r} is not a file, a folder, nor a valid Hugging Face Hub model name "
                                 f"(like 'Qwen/Qwen3-0.6B'); check the path") from err
+    except LocalEntryNotFoundError:
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(f"{name!r} is not a local file or folder, its tokenizer.json is not in the Hugging "
+                                f"Face cache, and HF_HUB_OFFLINE is set, so it is not downloaded. Pass the path of a "
+                                f"tokenizer.json or of the folder that holds it, or unset HF_HUB_OFFLINE")
+    try:
+        folder = Path(snapshot_download(name, allow_patterns=["tokenizer.json"]))
     except RepositoryNotFoundError as err:
-        raise FileNotFoundError(f"{name!r} is not a local file or folder, and the Hugging Face Hub has no public "
-                                f"model of that name; check the spelling (or log in for a gated one)") from err
-    except EntryNotFoundError as err:
-        if isinstance(err, LocalEntryNotFoundError):  # offline, and not in the local cache
-            raise FileNotFoundError(f"{name!r} is not a local file or folder, and the Hugging Face Hub could not be "
-                                    f"reached to download its tokenizer.json; pass a local path or go online") from err
-        raise FileNotFoundError(f"the Hub model {name!r} has no tokenizer.json") from err
+        raise FileNotFoundError(f"{name!r} is not a local file or folder, and the Hugging Face Hub at "
+                                f"{constants.ENDPOINT} has no public model of that name; check the spelling (or log "
+                                f"in with `hf auth login` for a gated one)") from err
+    except Exception as err:  # DNS, proxy, timeouts, a Hub error: whatever the network layer raises
+        cause = err
+        while cause.__cause__ is not None:  # the socket's words, not the wrappers'
+            cause = cause.__cause__
+        said = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        raise FileNotFoundError(f"{name!r} is not a local file or folder nor in the Hugging Face cache, and the Hub "
+                                f"at {constants.ENDPOINT} could not be reached to download its tokenizer.json. To "
+                                f"work offline, pass the path of a tokenizer.json or of the folder that holds it, or "
+                                f"download it once on a machine with a network and set HF_HUB_OFFLINE=1 to use its "
+                                f"cache (HF_HOME) (The Hub said: {type(cause).__name__}: {said})") from err
+    if not (folder / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"the Hub model {name!r} has no tokenizer.json")
+    return folder / "tokenizer.json"
 
 
 def load_hf_tokenizer(path) -> HFTokenizer:

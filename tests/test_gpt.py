@@ -283,7 +283,7 @@ def test_name_that_is_not_a_folder_offline(tmp_path, monkeypatch):
         from_hf("someone/tiny-gpt2")
     message = str(err.value)
     assert "'someone/tiny-gpt2' is not a local folder" in message
-    assert "Hugging Face Hub could not be reached" in message
+    assert "HF_HUB_OFFLINE is set, so it is not downloaded" in message
 
 
 def test_a_file_is_not_a_checkpoint(tmp_path):
