@@ -2,11 +2,11 @@
 
 # %% auto #0
 __all__ = ['DEEPSEEK_V3_DEFAULTS', 'DeepseekV3Config', 'DeepseekV3Block', 'DeepseekV3', 'char_deepseek_config',
-           'deepseek_v3_config_from_hf', 'deepseek_v3_from_hf']
+           'deepseek_v3_config_from_hf', 'mtp_tensor_name', 'deepseek_v3_from_hf']
 
 # %% ../notebooks/05_deepseek/05_deepseek_v3.ipynb #57026ade
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -14,11 +14,12 @@ import torch.nn as nn
 from .deepseek_moe import DeepSeekMoE, DeepSeekRouter, check_group_routing
 from .char_llama import char_llama_config
 from .generation import KVCache
-from .gpt import register_architecture
+from .gpt import CheckpointMismatchError, register_architecture
 from .layers import GatedMLP, RMSNorm
 from .llama import Llama, LlamaConfig, _rope_from_hf, load_llama_tensors
 from .mla import MultiHeadLatentAttention, check_mla_sizes, mla_softmax_scale
 from .moe import Experts, stack_expert_tensors
+from .mtp import MTPLayer, check_mtp_depth, final_hidden, predict_ahead
 from .train import MODEL_REGISTRY
 
 # %% ../notebooks/05_deepseek/05_deepseek_v3.ipynb #39477161
@@ -55,11 +56,13 @@ class DeepseekV3Config(LlamaConfig):
     first_k_dense_replace: int = 3  # the first layers keep a dense MLP
     moe_dispatch: str = "grouped"
     bias_update_speed: float = 0.0  # training: gamma of the auxiliary-loss-free balancing (notebook 02); 0: off
+    num_nextn_predict_layers: int = 0  # MTP modules (notebook 04); 0: none. The released V3 has 1; transformers' model 0
 
     def __post_init__(self):
         check_mla_sizes(self.hidden_size, self.num_attention_heads, self.kv_lora_rank, self.qk_nope_head_dim,
                         self.qk_rope_head_dim, self.v_head_dim, self.q_lora_rank)  # first: they name the MLA fields
         check_group_routing(self.n_routed_experts, self.num_experts_per_tok, self.n_group, self.topk_group)
+        check_mtp_depth(self.num_nextn_predict_layers)
         self.num_key_value_heads = self.num_attention_heads
         self.head_dim = self.qk_rope_head_dim
         super().__post_init__()
@@ -98,22 +101,33 @@ class DeepseekV3Block(nn.Module):
 
 
 class DeepseekV3(Llama):
-    """DeepSeek-V3 without its multi-token prediction module: Llama's skeleton with DeepseekV3Blocks.
+    """DeepSeek-V3: Llama's skeleton with DeepseekV3Blocks, and config.num_nextn_predict_layers MTP modules (`mtp`).
 
-    model(input_ids, cache=None) -> logits, as every scratchlm model. `use_absorption()` switches every MLA layer
-    to attend over the cached latents (the same results, faster decoding at long contexts). In training mode with
-    config.bias_update_speed > 0, every forward pass ends with the bias update of notebook 02 on that pass's load
-    (once per optimizer step when the step is one forward pass, once per micro-batch with gradient accumulation).
+    model(input_ids, cache=None) -> logits, as every scratchlm model. model(input_ids, with_mtp=True) -> (logits, a
+    list of each MTP depth's logits, scratchlm.mtp.predict_ahead) for training with scratchlm.mtp.mtp_loss.
+    `use_absorption()` switches every MLA layer to attend over the cached latents (the same results, faster decoding
+    at long contexts). In training mode with config.bias_update_speed > 0, every forward pass ends with the bias
+    update of notebook 02 on that pass's load (once per optimizer step when the step is one forward pass, once per
+    micro-batch with gradient accumulation), in the MTP modules' MoE blocks too when they ran.
     """
 
     block_class = DeepseekV3Block
 
-    def forward(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
-        logits = super().forward(input_ids, cache=cache)
+    def __init__(self, config: DeepseekV3Config):
+        super().__init__(config)  # the main model first: its weights do not depend on the MTP depth
+        c = config
+        self.mtp = nn.ModuleList([MTPLayer(c.hidden_size, DeepseekV3Block(c, c.num_hidden_layers + k), c.rms_norm_eps)
+                                  for k in range(c.num_nextn_predict_layers)])  # an MoE block each, as layer 61 of V3
+        self.mtp.apply(self._init_weights)
+
+    def forward(self, input_ids: torch.Tensor, cache=None, with_mtp: bool = False):
+        hidden = final_hidden(self, input_ids, cache)  # (B, T, C) after the final norm
+        logits = self.lm_head(hidden)
+        ahead = predict_ahead(self, hidden, input_ids) if with_mtp else None
         if self.training and self.config.bias_update_speed:  # auxiliary-loss-free balancing (notebook 02)
-            for moe in self.moe_layers():
+            for moe in self.moe_layers(mtp=with_mtp):
                 moe.update_bias(moe.load(), self.config.bias_update_speed)
-        return logits
+        return (logits, ahead) if with_mtp else logits
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -127,18 +141,22 @@ class DeepseekV3(Llama):
     def make_cache(self) -> KVCache:
         return KVCache()  # each MLA layer stores its latent and rotary key in it
 
-    def moe_layers(self) -> list[DeepSeekMoE]:
-        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, DeepSeekMoE)]
+    def moe_layers(self, mtp: bool = False) -> list[DeepSeekMoE]:
+        """The main model's MoE blocks, and with mtp=True those of the MTP modules after them."""
+        blocks = list(self.layers) + ([layer.mtp_block for layer in self.mtp] if mtp else [])
+        return [block.mlp for block in blocks if isinstance(block.mlp, DeepSeekMoE)]
 
     def use_absorption(self, absorb: bool = True) -> "DeepseekV3":
-        for layer in self.layers:
+        for layer in [*self.layers, *(module.mtp_block for module in self.mtp)]:
             layer.self_attn.absorb = absorb
         return self
 
     def active_parameters(self) -> int:
-        """Parameters used for one token: all but the routed experts a token does not choose."""
+        """Parameters the main model uses for one token: all but the routed experts a token does not choose, and
+        not the MTP modules (training and drafting only)."""
         unused = sum(m.experts.gate_up_proj.numel() + m.experts.down_proj.numel() for m in self.moe_layers())
-        return round(self.num_parameters() - unused * (1 - self.config.num_experts_per_tok / self.config.n_routed_experts))
+        main = self.num_parameters() - sum(p.numel() for p in self.mtp.parameters())
+        return round(main - unused * (1 - self.config.num_experts_per_tok / self.config.n_routed_experts))
 
 # %% ../notebooks/05_deepseek/05_deepseek_v3.ipynb #2e74b207
 def char_deepseek_config(gpt_kwargs: dict, n_routed_experts: int = 16, num_experts_per_tok: int = 4,
@@ -176,6 +194,8 @@ DEEPSEEK_V3_DEFAULTS = dict(
     rope_interleave=True, attention_bias=False, rope_theta=10000.0)
 _ROUTING = {"topk_method": (None, "noaux_tc"), "scoring_func": (None, "sigmoid")}  # what this model builds
 _LAYER = re.compile(r"(model\.)?layers\.(\d+)\.")
+_MTP_OWN = ("enorm.", "hnorm.", "eh_proj.", "shared_head.norm.")  # an MTP layer's own tensors; the rest is its block
+_MTP_SHARED_COPIES = ("embed_tokens.weight", "shared_head.head.weight")  # copies of the main model's: not loaded
 
 
 def deepseek_v3_config_from_hf(hf: dict) -> DeepseekV3Config:
@@ -194,10 +214,29 @@ def deepseek_v3_config_from_hf(hf: dict) -> DeepseekV3Config:
     return DeepseekV3Config(**{name: d[name] for name in names}, rope_theta=rope_theta, rope_scaling=rope_scaling)
 
 
+def mtp_tensor_name(name: str, num_hidden_layers: int) -> str | None:
+    """Our name for a checkpoint tensor: layer num_hidden_layers + k (an MTP layer) -> mtp.{k}.*, its block's tensors
+    under mtp.{k}.mtp_block; None for its copies of the shared embedding and head; the main model's names unchanged.
+    model.layers.61.eh_proj.weight -> mtp.0.eh_proj.weight (V3, 61 layers)."""
+    match = _LAYER.match(name)
+    if match is None or int(match[2]) < num_hidden_layers:
+        return name
+    k, rest = int(match[2]) - num_hidden_layers, name[match.end() :]
+    if rest in _MTP_SHARED_COPIES:
+        return None
+    return f"mtp.{k}.{rest}" if rest.startswith(_MTP_OWN) else f"mtp.{k}.mtp_block.{rest}"
+
+
 @register_architecture("deepseek_v3")
 def deepseek_v3_from_hf(hf_config: dict, tensors: dict[str, torch.Tensor]) -> DeepseekV3:
     config = deepseek_v3_config_from_hf(hf_config)
     source = "the deepseek_v3 checkpoint"
-    main = {name: t for name, t in tensors.items()  # the MTP layers come after the main model's: not loaded here
-            if not ((m := _LAYER.match(name)) and int(m[2]) >= config.num_hidden_layers)}
-    return load_llama_tensors(DeepseekV3(config), stack_expert_tensors(main, config.n_routed_experts, source), source)
+    renamed = {new: t for name, t in tensors.items() if (new := mtp_tensor_name(name, config.num_hidden_layers))}
+    depths = sorted({int(name.split(".")[1]) for name in renamed if name.startswith("mtp.")})
+    if depths != list(range(len(depths))):
+        raise CheckpointMismatchError(
+            f"{source} has MTP layers {[config.num_hidden_layers + k for k in depths]} but not all of the layers from "
+            f"{config.num_hidden_layers} up to them: MTP modules run in sequence, so each needs the ones before it")
+    config = replace(config, num_nextn_predict_layers=len(depths))  # the MTP layers the file holds
+    stacked = stack_expert_tensors(renamed, config.n_routed_experts, source)
+    return load_llama_tensors(DeepseekV3(config), stacked, source)

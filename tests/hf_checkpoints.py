@@ -2,6 +2,14 @@
 
 import torch
 
+# a tiny DeepseekV3Config (test_deepseek.py, test_mtp.py): MLA with query compression, 8 routed experts in 4 groups
+DEEPSEEK_V3_SIZES = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+    qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4,
+    topk_group=2, first_k_dense_replace=1, max_position_embeddings=128, initializer_range=0.1, bos_token_id=None,
+    eos_token_id=None, pad_token_id=None)
+
 
 def checkpoint_cache(root, build):
     """A function name -> (HF model, folder) that builds each named checkpoint once, under `root`.

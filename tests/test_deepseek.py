@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from hf_checkpoints import checkpoint_cache, random_ids
+from hf_checkpoints import DEEPSEEK_V3_SIZES, checkpoint_cache, random_ids
 from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3Config as HFDeepseekV3Config
 from transformers import DeepseekV3ForCausalLM
@@ -21,11 +21,7 @@ from scratchlm.gpt import CheckpointMismatchError, from_hf
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "rope_theta": 10000.0,
         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
-SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
-             num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
-             qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-             n_group=4, topk_group=2, first_k_dense_replace=1, max_position_embeddings=128, initializer_range=0.1,
-             bos_token_id=None, eos_token_id=None, pad_token_id=None)
+SIZES = DEEPSEEK_V3_SIZES
 CASES = {
     "qlora-interleaved-groups": dict(),
     "no-qlora-half-rope": dict(q_lora_rank=None, rope_interleave=False),
@@ -104,17 +100,44 @@ def test_layer_kinds_and_bias_loaded(checkpoints):
     assert model.layers[2].mlp.gate.routed_scaling_factor == 1.5
 
 
-def test_mtp_layer_of_a_released_checkpoint_is_left_out(checkpoints, tmp_path):
+def test_mtp_layer_of_a_released_checkpoint_loads_into_the_mtp_module(checkpoints, tmp_path):
+    """Layer num_hidden_layers of a checkpoint is DeepSeek's MTP layer: it loads into model.mtp[0] (its block under
+    mtp_block, its copies of the embedding and head not loaded) and leaves the main model's logits unchanged. Its
+    logits are checked against transformers' MtpModel in test_mtp.py."""
     reference, folder = checkpoints("qlora-interleaved-groups")
     tensors = load_file(folder / "model.safetensors")
     for name in [n for n in tensors if n.startswith("model.layers.2.")]:
-        tensors[name.replace("model.layers.2.", "model.layers.3.")] = tensors[name].clone()  # an "MTP layer" 3
-    tensors["model.layers.3.eh_proj.weight"] = torch.zeros(64, 128)
+        tensors[name.replace("model.layers.2.", "model.layers.3.")] = tensors[name].clone()  # an MoE block as layer 3
+    torch.manual_seed(0)
+    mtp_own = {"enorm.weight": torch.rand(64), "hnorm.weight": torch.rand(64), "eh_proj.weight": torch.randn(64, 128),
+               "shared_head.norm.weight": torch.rand(64)}
+    tensors |= {f"model.layers.3.{name}": t for name, t in mtp_own.items()}
+    tensors["model.layers.3.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
+    tensors["model.layers.3.shared_head.head.weight"] = tensors["lm_head.weight"].clone()
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
     save_file(tensors, tmp_path / "model.safetensors")
+    model = from_hf(tmp_path)
+    assert len(model.mtp) == 1 and model.config.num_nextn_predict_layers == 1
+    for name, t in mtp_own.items():
+        assert torch.equal(model.mtp[0].get_parameter(name), t)
+    assert torch.equal(model.mtp[0].mtp_block.self_attn.kv_b_proj.weight,
+                       tensors["model.layers.2.self_attn.kv_b_proj.weight"])
     ids = random_ids(SIZES["vocab_size"], (1, 12))
     with torch.no_grad():
-        assert (from_hf(tmp_path)(ids) - reference(ids).logits).abs().max().item() < 1e-5
+        assert (model(ids) - reference(ids).logits).abs().max().item() < 1e-5
+    assert len(from_hf(folder).mtp) == 0  # transformers' save_pretrained writes no MTP layer
+
+
+def test_an_incomplete_mtp_layer_is_named(checkpoints, tmp_path):
+    _, folder = checkpoints("qlora-interleaved-groups")
+    tensors = load_file(folder / "model.safetensors")
+    for name in [n for n in tensors if n.startswith("model.layers.2.")]:
+        tensors[name.replace("model.layers.2.", "model.layers.3.")] = tensors[name].clone()
+    tensors["model.layers.3.eh_proj.weight"] = torch.zeros(64, 128)  # no enorm, hnorm, shared_head.norm
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointMismatchError, match=r"missing \(3\): mtp\.0\.enorm\.weight, mtp\.0\.hnorm\.weight"):
+        from_hf(tmp_path)
 
 
 def test_full_size_parameter_count_matches_transformers():
