@@ -24,8 +24,14 @@ from scratchlm.data import get_batch
 from scratchlm.deepseek import char_deepseek_config
 from scratchlm.generation import generate
 from scratchlm.mtp import mtp_loss, speculative_generate
-from scratchlm.train import (build_model, configure_optimizer, lr_at, next_token_loss, shakespeare_char_config,
-                             shakespeare_char_data)
+from scratchlm.train import (
+    build_model,
+    configure_optimizer,
+    lr_at,
+    next_token_loss,
+    shakespeare_char_config,
+    shakespeare_char_data,
+)
 
 PROMPTS, PROMPT_LEN, ROUNDS = 10, 16, 2
 
