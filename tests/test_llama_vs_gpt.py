@@ -15,8 +15,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from scratchlm.char_llama import (BestValTrainer, Changes, GPTVariant, char_llama_config, llama_like,
-                                  matching_intermediate_size)
+from scratchlm.char_llama import (
+    BestValTrainer,
+    Changes,
+    GPTVariant,
+    char_llama_config,
+    llama_like,
+    matching_intermediate_size,
+)
 from scratchlm.generation import generate
 from scratchlm.gpt import GPT, GPTConfig
 from scratchlm.layers import GatedMLP, RMSNorm
