@@ -29,3 +29,25 @@ def checkpoint_cache(root, build):
 def random_ids(vocab, shape, seed=0):
     """Token ids below `vocab`, the same for the same seed."""
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def jitter_norms(model, scale=0.2):
+    """Move every norm weight away from 1 (in place), so that a norm applied wrongly shows in the logits."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(scale * torch.randn_like(p))
+
+
+def assert_greedy_matches(ours, reference, vocab, *variants):
+    """Greedy tokens of `ours` equal with and without the cache, from each of `variants` (other forms of ours),
+    and from the reference's `generate`."""
+    from scratchlm.generation import generate
+
+    prompt = random_ids(vocab, (2, 5), seed=1)
+    with_cache = generate(ours, prompt, max_new_tokens=20)
+    assert torch.equal(with_cache, generate(ours, prompt, max_new_tokens=20, use_cache=False))
+    for variant in variants:
+        assert torch.equal(with_cache, generate(variant, prompt, max_new_tokens=20))
+    with torch.no_grad():
+        assert torch.equal(with_cache, reference.generate(prompt, max_new_tokens=20, do_sample=False))

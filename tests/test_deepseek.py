@@ -9,14 +9,20 @@ import json
 
 import pytest
 import torch
-from hf_checkpoints import DEEPSEEK_V3_SIZES, checkpoint_cache, random_ids
+from hf_checkpoints import (
+    DEEPSEEK_V3_SIZES,
+    assert_greedy_matches,
+    checkpoint_cache,
+    jitter_norms,
+    random_ids,
+)
 from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3Config as HFDeepseekV3Config
 from transformers import DeepseekV3ForCausalLM
 
 import scratchlm
 from scratchlm.deepseek import DeepseekV3, DeepseekV3Config
-from scratchlm.generation import KVCache, generate
+from scratchlm.generation import KVCache
 from scratchlm.gpt import CheckpointMismatchError, from_hf
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "rope_theta": 10000.0,
@@ -43,9 +49,7 @@ def make_checkpoint(name, folder, seed):
         for buffer_name, buffer in model.named_buffers():
             if buffer_name.endswith("e_score_correction_bias"):
                 buffer.normal_(0, 0.1)
-        for param_name, p in model.named_parameters():
-            if "norm" in param_name:
-                p.add_(0.2 * torch.randn_like(p))
+    jitter_norms(model)
     model.save_pretrained(folder)
     return model
 
@@ -71,12 +75,7 @@ def test_logits_match_transformers(checkpoints, name):
 def test_greedy_generation_matches_transformers(checkpoints, name):
     reference, folder = checkpoints(name)
     ours = from_hf(folder)
-    prompt = random_ids(SIZES["vocab_size"], (2, 5), seed=1)
-    with_cache = generate(ours, prompt, max_new_tokens=20)
-    assert torch.equal(with_cache, generate(ours, prompt, max_new_tokens=20, use_cache=False))
-    assert torch.equal(with_cache, generate(ours.use_absorption(), prompt, max_new_tokens=20))
-    with torch.no_grad():
-        assert torch.equal(with_cache, reference.generate(prompt, max_new_tokens=20, do_sample=False))
+    assert_greedy_matches(ours, reference, SIZES["vocab_size"], ours.use_absorption())
 
 
 def test_the_cache_holds_latents(checkpoints):

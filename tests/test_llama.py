@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from hf_checkpoints import checkpoint_cache, random_ids
+from hf_checkpoints import assert_greedy_matches, checkpoint_cache, random_ids
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, MistralConfig, Qwen2Config, Qwen3Config
 from transformers import LlamaConfig as HFLlamaConfig
@@ -105,12 +105,7 @@ def test_logits_match_transformers(checkpoints, name):
 @pytest.mark.parametrize("name", GENERATION_CASES)
 def test_greedy_generation_matches_transformers(checkpoints, name):
     hf_model, folder = checkpoints(name)
-    ours = from_hf(folder)
-    prompt = random_ids(SIZES["vocab_size"], (2, 5), seed=1)
-    with_cache = generate(ours, prompt, max_new_tokens=20)
-    assert torch.equal(with_cache, generate(ours, prompt, max_new_tokens=20, use_cache=False))
-    with torch.no_grad():
-        assert torch.equal(with_cache, hf_model.generate(prompt, max_new_tokens=20, do_sample=False))
+    assert_greedy_matches(from_hf(folder), hf_model, SIZES["vocab_size"])
 
 
 @pytest.mark.parametrize("name", ["mistral-window-5", "gemma3-alternating", "qwen2-window-layers-tied-yarn"])

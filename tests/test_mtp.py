@@ -11,7 +11,7 @@ decoding against greedy decoding (ours, itself checked against transformers' gen
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_checkpoints import DEEPSEEK_V3_SIZES, checkpoint_cache, random_ids
+from hf_checkpoints import DEEPSEEK_V3_SIZES, checkpoint_cache, jitter_norms, random_ids
 from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3Config as HFDeepseekV3Config
 from transformers import DeepseekV3ForCausalLM
@@ -58,10 +58,8 @@ def make_checkpoint(name, folder, seed):
     main = DeepseekV3ForCausalLM._from_config(config, attn_implementation="eager",
                                               experts_implementation="eager").eval()
     mtp = MtpModel(main, num_mtp_layers=1).eval()
+    jitter_norms(main)
     with torch.no_grad():
-        for param_name, p in main.named_parameters():
-            if "norm" in param_name:
-                p.add_(0.2 * torch.randn_like(p))
         for param_name, p in mtp.layers.named_parameters():  # MtpModel leaves its experts and router uninitialised
             p.copy_(1 + 0.2 * torch.randn_like(p)) if "norm" in param_name else p.normal_(0, config.initializer_range)
         for model in (main, mtp):
