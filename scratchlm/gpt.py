@@ -2,8 +2,8 @@
 
 # %% auto #0
 __all__ = ['HUB_FILES', 'ARCHITECTURES', 'GPTConfig', 'LayerNorm', 'MLP', 'causal_mask', 'CausalSelfAttention', 'Block',
-           'check_input_ids', 'GPT', 'CheckpointMismatchError', 'load_checked', 'load_safetensors',
-           'resolve_checkpoint', 'register_architecture', 'from_hf', 'gpt2_config_from_hf', 'gpt2_from_hf']
+           'check_input_ids', 'GPT', 'gpt2_config_from_hf', 'gpt2_state_dict_from_hf', 'CheckpointMismatchError',
+           'load_checked', 'load_safetensors', 'resolve_checkpoint', 'register_architecture', 'from_hf', 'gpt2_from_hf']
 
 # %% ../notebooks/03_gpt/01_gpt_model.ipynb #f4d5dc62
 import importlib
@@ -196,7 +196,46 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         return self.lm_head(x)  # (B, T, vocab_size)
 
-# %% ../notebooks/03_gpt/01_gpt_model.ipynb #c3208290
+# %% ../notebooks/03_gpt/01_gpt_model.ipynb #fc5413c4
+_GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+_GPT2_MASK_BUFFER = re.compile(r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)")
+
+
+def gpt2_config_from_hf(hf: dict) -> GPTConfig:
+    """GPTConfig from a Hugging Face GPT-2 config.json; settings we do not build are an error."""
+    unsupported = {
+        "activation_function": hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"),
+        "n_inner": hf.get("n_inner") not in (None, 4 * hf["n_embd"]),
+        "scale_attn_weights": not hf.get("scale_attn_weights", True),
+        "scale_attn_by_inverse_layer_idx": hf.get("scale_attn_by_inverse_layer_idx", False),
+        "add_cross_attention": hf.get("add_cross_attention", False),
+        "tie_word_embeddings": not hf.get("tie_word_embeddings", True),
+    }
+    bad = [f"{key}={hf.get(key)!r}" for key, is_bad in unsupported.items() if is_bad]
+    if bad:
+        raise ValueError(f"this GPT-2 config uses settings scratchlm's GPT does not build: {', '.join(bad)}")
+    return GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
+                     n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True,
+                     layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
+
+
+def gpt2_state_dict_from_hf(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Hugging Face GPT-2 checkpoint's tensors under our names and layouts (the tied head left to wte)."""
+    state = {}
+    for name, tensor in tensors.items():
+        if _GPT2_MASK_BUFFER.fullmatch(name):
+            continue  # a saved causal mask, not a weight
+        if name == "lm_head.weight":  # tied to wte: nothing of its own to load
+            wte = tensors.get("transformer.wte.weight", tensors.get("wte.weight"))
+            if wte is not None and not torch.equal(tensor, wte):
+                raise ValueError("lm_head.weight differs from wte.weight: an untied checkpoint, which GPT-2 is not")
+            continue
+        name = name if name.startswith("transformer.") else f"transformer.{name}"
+        state[name] = tensor.t() if name.endswith(_GPT2_CONV1D) else tensor  # Conv1D (in, out) -> Linear (out, in)
+    return state
+
+
+# %% ../notebooks/03_gpt/01_gpt_model.ipynb #e345eb79
 class CheckpointMismatchError(ValueError):
     """A checkpoint's tensors do not fit the model; `missing`, `unexpected` and `misshaped` list them."""
 
@@ -237,7 +276,7 @@ def load_checked(model: nn.Module, tensors: dict[str, torch.Tensor], source: str
             target.copy_(tensors[name])
     return model
 
-# %% ../notebooks/03_gpt/01_gpt_model.ipynb #408f00ad
+# %% ../notebooks/03_gpt/01_gpt_model.ipynb #6b5f0ff7
 def load_safetensors(folder: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint folder: model.safetensors, or the shards listed in model.safetensors.index.json."""
     from safetensors.torch import load_file
@@ -263,7 +302,7 @@ def load_safetensors(folder: str | Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{folder} has neither model.safetensors nor model.safetensors.index.json; "
                             f"scratchlm loads weights only from safetensors.{hint}")
 
-# %% ../notebooks/03_gpt/01_gpt_model.ipynb #6de6671b
+# %% ../notebooks/03_gpt/01_gpt_model.ipynb #7f0ce580
 # files a model needs, fetched from the Hub when `from_hf` is given a name instead of a folder
 HUB_FILES = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
              "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
@@ -331,7 +370,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
                                 f"once on a machine with a network and set HF_HUB_OFFLINE=1 to use its cache "
                                 f"(HF_HOME) (The Hub said: {_root_cause(err)})") from err
 
-# %% ../notebooks/03_gpt/01_gpt_model.ipynb #79e77718
+# %% ../notebooks/03_gpt/01_gpt_model.ipynb #6df5e804
 # model_type in config.json -> function (hf_config: dict, tensors: dict) -> scratchlm model
 ARCHITECTURES: dict[str, Callable[[dict, dict], nn.Module]] = {}
 
@@ -387,41 +426,9 @@ def from_hf(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
         raise CheckpointMismatchError(f"{folder}: {err}", err.missing, err.unexpected, err.misshaped) from None
     return model.to(dtype=dtype or torch.float32).eval()
 
-# %% ../notebooks/03_gpt/01_gpt_model.ipynb #fc5413c4
-_GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-_GPT2_MASK_BUFFER = re.compile(r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)")
-
-
-def gpt2_config_from_hf(hf: dict) -> GPTConfig:
-    """GPTConfig from a Hugging Face GPT-2 config.json; settings we do not build are an error."""
-    unsupported = {
-        "activation_function": hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"),
-        "n_inner": hf.get("n_inner") not in (None, 4 * hf["n_embd"]),
-        "scale_attn_weights": not hf.get("scale_attn_weights", True),
-        "scale_attn_by_inverse_layer_idx": hf.get("scale_attn_by_inverse_layer_idx", False),
-        "add_cross_attention": hf.get("add_cross_attention", False),
-        "tie_word_embeddings": not hf.get("tie_word_embeddings", True),
-    }
-    bad = [f"{key}={hf.get(key)!r}" for key, is_bad in unsupported.items() if is_bad]
-    if bad:
-        raise ValueError(f"this GPT-2 config uses settings scratchlm's GPT does not build: {', '.join(bad)}")
-    return GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
-                     n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True,
-                     layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
-
-
+# %% ../notebooks/03_gpt/01_gpt_model.ipynb #93685bea
 @register_architecture("gpt2")
 def gpt2_from_hf(hf_config: dict, tensors: dict[str, torch.Tensor]) -> GPT:
+    """The registry's builder for `model_type` "gpt2": section 9's mapping, copied with every tensor checked."""
     model = GPT(gpt2_config_from_hf(hf_config))
-    state = {}
-    for name, tensor in tensors.items():
-        if _GPT2_MASK_BUFFER.fullmatch(name):
-            continue  # a saved causal mask, not a weight
-        if name == "lm_head.weight":  # tied to wte: nothing of its own to load
-            wte = tensors.get("transformer.wte.weight", tensors.get("wte.weight"))
-            if wte is not None and not torch.equal(tensor, wte):
-                raise ValueError("lm_head.weight differs from wte.weight: an untied checkpoint, which GPT-2 is not")
-            continue
-        name = name if name.startswith("transformer.") else f"transformer.{name}"
-        state[name] = tensor.t() if name.endswith(_GPT2_CONV1D) else tensor  # Conv1D (in, out) -> Linear (out, in)
-    return load_checked(model, state, source="the GPT-2 checkpoint")
+    return load_checked(model, gpt2_state_dict_from_hf(tensors), source="the GPT-2 checkpoint")
