@@ -105,3 +105,75 @@ def test_solutions_hide_their_outputs_too(path):
                 f"{path.name}, cell {index}: a solution must hide its source and its outputs")
         if hidden.get("source_hidden") and not diagram:
             assert hidden.get("outputs_hidden"), f"{path.name}, cell {index}: source hidden, outputs shown"
+
+
+def bound_names(source: str) -> set[str]:
+    """The names a cell binds at its top level (assignments, loop targets, defs, classes), imports left out."""
+    import ast
+
+    tree = ast.parse("\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))))
+    names = set()
+    for statement in tree.body:
+        if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(statement.name)
+            continue
+        for node in ast.walk(statement):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+                continue  # a local of a function is not a notebook variable
+            targets = []
+            if isinstance(node, ast.Assign):
+                targets = node.targets
+            elif isinstance(node, (ast.AnnAssign, ast.AugAssign, ast.For, ast.NamedExpr)):
+                targets = [node.target]
+            elif isinstance(node, ast.With):
+                targets = [item.optional_vars for item in node.items if item.optional_vars is not None]
+            names.update(n.id for target in targets for n in ast.walk(target) if isinstance(n, ast.Name))
+    return names
+
+
+def read_names(source: str) -> set[str]:
+    """The notebook variables a cell reads: names loaded where neither the cell nor an enclosing function,
+    lambda or comprehension binds them."""
+    import ast
+
+    def stored(nodes) -> set[str]:
+        return {n.id for node in nodes for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+
+    def reads(node, local: frozenset) -> set[str]:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            params = {a.arg for a in ast.walk(node.args) if isinstance(a, ast.arg)}
+            body = node.body if isinstance(node.body, list) else [node.body]
+            inner = local | params | stored(body)
+            return set().union(*(reads(child, frozenset(inner)) for child in body))
+        if isinstance(node, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+            inner = local | stored(g.target for g in node.generators)
+            return set().union(*(reads(child, frozenset(inner)) for child in ast.iter_child_nodes(node)))
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            return set() if node.id in local else {node.id}
+        return set().union(*(reads(child, local) for child in ast.iter_child_nodes(node)))
+
+    tree = ast.parse("\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))))
+    return reads(tree, frozenset()) - bound_names(source)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=names(NOTEBOOKS))
+def test_diagram_cells_leave_the_notebooks_variables_alone(path):
+    """A concept diagram's collapsed drawing code must not rebind a variable that the notebook made before it
+    and reads after it.
+
+    A diagram of BPE once set `text = "aaabdaaabac"`, and every later cell of that notebook (the tiktoken
+    proof "on all of TinyShakespeare" among them) ran on eleven characters while nbval, comparing the
+    outputs the same run had written, passed.
+    """
+    cells = [(index, text_of(cell["source"]), "diagram" in cell["metadata"].get("tags", []))
+             for index, cell in code_cells(path)]
+    made_before: set[str] = set()
+    for position, (index, source, diagram) in enumerate(cells):
+        bound = bound_names(source)
+        if diagram:
+            read_later = set().union(*(read_names(later) for _, later, _ in cells[position + 1:]))
+            clobbered = sorted(bound & made_before & read_later)
+            assert not clobbered, (f"{path.name}, cell {index}: the diagram rebinds {', '.join(clobbered)}, which "
+                                   f"earlier cells made and later cells read; give its variables other names")
+        else:
+            made_before |= bound
