@@ -4,9 +4,9 @@
 __all__ = ['DTYPES', 'EMBEDDING_MODULES', 'MODEL_REGISTRY', 'WEIGHTS', 'MODEL_CONFIG', 'TOKENIZER', 'TRAIN_STATE', 'OPTIMIZER',
            'TrainConfig', 'shakespeare_char_config', 'shakespeare_char_data', 'lr_at', 'configure_optimizer',
            'next_token_loss', 'accumulate_gradients', 'resolve_device', 'autocast_dtype', 'precision_note',
-           'autocast_context', 'estimate_loss', 'split_loss', 'save_weights', 'load_weights', 'build_model',
-           'check_checkpoint', 'save_tokenizer', 'load_tokenizer', 'load_model', 'process_rank_and_count', 'Trainer',
-           'start_data_parallel', 'stop_data_parallel']
+           'autocast_context', 'estimate_loss', 'split_loss', 'process_rank_and_count', 'Trainer',
+           'start_data_parallel', 'stop_data_parallel', 'save_weights', 'load_weights', 'build_model',
+           'check_checkpoint', 'save_tokenizer', 'load_tokenizer', 'load_model', 'save_checkpoint', 'resume_checkpoint']
 
 # %% ../notebooks/03_gpt/03_training.ipynb #932b788e
 import importlib
@@ -91,7 +91,7 @@ def shakespeare_char_config(profile: str | None = None, vocab_size: int = 65) ->
     train = by_profile(
         ci=TrainConfig(batch_size=8, block_size=32, grad_accum_steps=2, max_steps=40, lr=1e-2, min_lr=1e-3,
                        warmup_steps=5, eval_interval=20, eval_iters=4),
-        # nanoGPT's laptop recipe uses lr 1e-3 and min_lr 1e-4; twice those is measured better in section 9
+        # nanoGPT's laptop recipe uses lr 1e-3 and min_lr 1e-4; twice those is measured better in section 8
         cpu=TrainConfig(batch_size=12, block_size=64, max_steps=2000, lr=2e-3, min_lr=2e-4, warmup_steps=100,
                         eval_interval=250, eval_iters=20),
         gpu=TrainConfig(batch_size=64, block_size=256, max_steps=5000, lr=1e-3, min_lr=1e-4, warmup_steps=100,
@@ -253,120 +253,16 @@ def split_loss(model: nn.Module, data: torch.Tensor, block_size: int, batch_size
     model.train(was_training)
     return total / n
 
-# %% ../notebooks/03_gpt/03_training.ipynb #6c6b9d08
-def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Save `model.state_dict()` as safetensors, each shared (tied) tensor once; the aliases go in the metadata."""
-    tensors, tied, first_name, storages = {}, {}, {}, set()
-    for name, t in model.state_dict().items():
-        view = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
-        if t.numel() and view in first_name:  # the same tensor under a second name
-            tied[name] = first_name[view]
-            continue
-        first_name[view] = name
-        t = t.detach()
-        # safetensors wants each memory block once: copy a tensor that is a different view of a saved one
-        t = t.clone() if t.numel() and view[0] in storages else t.contiguous()
-        storages.add(view[0])
-        tensors[name] = t.cpu()
-    save_file(tensors, str(path), metadata={**(metadata or {}), "tied": json.dumps(tied)})
-
-
-def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
-    """Load a `save_weights` file into `model` (in place), restoring tied names. Returns the file's metadata.
-
-    Every tensor the model expects must be in the file with the same shape, and nothing else: a mismatch
-    raises a ValueError that lists the missing, unexpected and mis-shaped tensors.
-    """
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
-    for alias, source in json.loads(metadata.get("tied", "{}")).items():
-        if source in tensors:
-            tensors[alias] = tensors[source]
-    expected = model.state_dict()
-    missing = sorted(expected.keys() - tensors.keys())
-    unexpected = sorted(tensors.keys() - expected.keys())
-    misshaped = [f"{k}: file {tuple(tensors[k].shape)}, model {tuple(expected[k].shape)}"
-                 for k in expected.keys() & tensors.keys() if tensors[k].shape != expected[k].shape]
-    if missing or unexpected or misshaped:
-        problems = [f"{what} ({len(names)}): {', '.join(names[:10])}"
-                    f"{f', ... and {len(names) - 10} more' if len(names) > 10 else ''}"
-                    for what, names in (("missing", missing), ("unexpected", unexpected),
-                                        ("shape mismatch", sorted(misshaped))) if names]
-        raise ValueError(f"{path} does not fit this model: " + "; ".join(problems) +
-                         ". Build the model from the checkpoint's model_config.json (load_model does) "
-                         "or load a checkpoint saved from this configuration.")
-    model.load_state_dict(tensors)
-    return metadata
-
-# %% ../notebooks/03_gpt/03_training.ipynb #771245a2
-MODEL_REGISTRY = {"gpt": ("scratchlm.gpt", "GPTConfig", "GPT")}  # name -> (module, config class, model class)
-WEIGHTS, MODEL_CONFIG, TOKENIZER, TRAIN_STATE, OPTIMIZER = (
-    "model.safetensors", "model_config.json", "tokenizer.json", "train_state.json", "optimizer.pt")
-
-
-def build_model(name: str, config: dict) -> nn.Module:
-    """A freshly initialised model from its registry name and config dict: build_model("gpt", {...})."""
-    if name not in MODEL_REGISTRY:  # a later chapter's model: its module registers it when imported
-        import scratchlm
-
-        for model_module in scratchlm.MODEL_MODULES:
-            importlib.import_module(model_module)
-    if name not in MODEL_REGISTRY:
-        raise ValueError(f"unknown model {name!r}; scratchlm can build: {', '.join(sorted(MODEL_REGISTRY))}")
-    module, config_class, model_class = MODEL_REGISTRY[name]
-    module = importlib.import_module(module)
-    return getattr(module, model_class)(getattr(module, config_class)(**config))
+# %% ../notebooks/03_gpt/03_training.ipynb #104af9ee
+def process_rank_and_count() -> tuple[int, int]:
+    """(this process's rank, the number of processes): (0, 1) unless torchrun started several (section 10)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _as_dict(config) -> dict | None:
     return asdict(config) if is_dataclass(config) else (dict(config) if config is not None else None)
-
-
-def check_checkpoint(ckpt_dir: str | Path, needed: tuple[str, ...]) -> Path:
-    """`ckpt_dir` as a Path, after checking that it holds every file in `needed` (else a clear error)."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {ckpt_dir} does not exist; train one first, e.g. "
-                                f"`python -m scratchlm train --profile cpu --out {ckpt_dir}`")
-    missing = [name for name in needed if not (ckpt_dir / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"checkpoint folder {ckpt_dir} is missing {', '.join(missing)} (a checkpoint holds "
-                                f"{', '.join(needed)}); it is incomplete or not a scratchlm checkpoint")
-    return ckpt_dir
-
-
-def save_tokenizer(tokenizer, path: str | Path) -> None:
-    if not isinstance(tokenizer, CharTokenizer):
-        raise TypeError(f"only a CharTokenizer can be saved with a checkpoint, got {type(tokenizer).__name__}")
-    Path(path).write_text(json.dumps({"type": "char", "chars": tokenizer.chars}, ensure_ascii=False), encoding="utf-8")
-
-
-def load_tokenizer(ckpt_dir: str | Path) -> CharTokenizer:
-    """The tokenizer saved with a checkpoint."""
-    spec = json.loads((check_checkpoint(ckpt_dir, (TOKENIZER,)) / TOKENIZER).read_text(encoding="utf-8"))
-    if spec.get("type") != "char":
-        raise ValueError(f"{Path(ckpt_dir) / TOKENIZER} holds a {spec.get('type')!r} tokenizer; only 'char' is known")
-    return CharTokenizer(spec["chars"])
-
-
-def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """The model saved in a checkpoint folder, rebuilt from model_config.json, in eval mode on `device`."""
-    ckpt_dir = check_checkpoint(ckpt_dir, (WEIGHTS, MODEL_CONFIG))
-    spec = json.loads((ckpt_dir / MODEL_CONFIG).read_text())
-    if spec.get("model") is None:
-        raise ValueError(f"{ckpt_dir / MODEL_CONFIG} names no model (saved from a custom module): build the module "
-                         f"yourself and call load_weights(model, '{ckpt_dir / WEIGHTS}')")
-    model = build_model(spec["model"], spec["config"])
-    load_weights(model, ckpt_dir / WEIGHTS)
-    return model.to(device).eval()
-
-# %% ../notebooks/03_gpt/03_training.ipynb #104af9ee
-def process_rank_and_count() -> tuple[int, int]:
-    """(this process's rank, the number of processes): (0, 1) unless torchrun started several (section 11)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class Trainer:
@@ -375,7 +271,7 @@ class Trainer:
     `model_name` and `model_config` (a registry name and its config) go into checkpoints so `load_model`
     can rebuild the model; `tokenizer` (a CharTokenizer) goes there too, so sampling needs no data file.
 
-    Under `torchrun` (section 11) it trains data-parallel: each of the N processes holds the model,
+    Under `torchrun` (section 10) it trains data-parallel: each of the N processes holds the model,
     draws `batch_size / N` sequences per micro-step from its own generator, and the gradients are
     averaged across processes before each step. Process 0 alone evaluates, prints and writes checkpoints.
     """
@@ -490,84 +386,19 @@ class Trainer:
         return self.history
 
     def save(self, ckpt_dir: str | Path) -> Path:
-        """Write a checkpoint folder: weights, model config, tokenizer, train state, optimizer and RNG states.
-
-        With several processes every one calls it (their random states are gathered) and process 0 writes."""
-        ckpt_dir = Path(ckpt_dir)
-        rng = {"torch": torch.get_rng_state(), "data": self.data_generator.get_state(),
-               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
-        if self.world_size > 1:
-            every_rng = [None] * self.world_size
-            dist.all_gather_object(every_rng, rng)
-            if self.rank > 0:
-                dist.barrier()  # wait until process 0 has written the folder
-                return ckpt_dir
-            rng = {**rng, "by_rank": every_rng}
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        save_weights(self.model, ckpt_dir / WEIGHTS, metadata={"step": str(self.step)})
-        (ckpt_dir / MODEL_CONFIG).write_text(json.dumps({"model": self.model_name, "config": self.model_config},
-                                                        indent=1))
-        if self.tokenizer is not None:
-            save_tokenizer(self.tokenizer, ckpt_dir / TOKENIZER)
-        scaler = None if self.scaler is None else self.scaler.state_dict()
-        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": rng, "scaler": scaler},
-                   ckpt_dir / OPTIMIZER)
-        # written last: a folder whose train_state.json disagrees with the rest was interrupted while saving
-        state = {"step": self.step, "elapsed": self.elapsed, "train_config": asdict(self.cfg), "history": self.history}
-        if self.world_size > 1:
-            state["processes"] = self.world_size
-        (ckpt_dir / TRAIN_STATE).write_text(json.dumps(state))
-        if self.world_size > 1:
-            dist.barrier()
-        return ckpt_dir
+        """Write a checkpoint folder that `from_checkpoint` continues exactly (section 12, machinery)."""
+        return save_checkpoint(self, ckpt_dir)
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir: str | Path, train_data: torch.Tensor, val_data: torch.Tensor, *,
                         model: nn.Module | None = None, verbose: bool = True, **overrides) -> "Trainer":
-        """Continue a run saved by `save`, exactly where it stopped; restores the global RNG state too.
+        """Continue a run saved by `save`, exactly where it stopped (section 12, machinery).
 
         `model`: a module to load the weights into (default: rebuilt from model_config.json).
         `overrides`: TrainConfig fields to change, e.g. `max_steps=4000` (this changes the schedule).
         """
-        ckpt_dir = check_checkpoint(ckpt_dir, (WEIGHTS, MODEL_CONFIG, TRAIN_STATE, OPTIMIZER))
-        state = json.loads((ckpt_dir / TRAIN_STATE).read_text())
-        saved_by, now = state.get("processes", 1), process_rank_and_count()[1]
-        if saved_by != now:
-            raise ValueError(f"{ckpt_dir} was trained by {saved_by} process(es) and this run has {now}: each process "
-                             f"draws its own batches, so resume with the same number "
-                             f"(torchrun --nproc_per_node={saved_by}, or no torchrun for 1)")
-        spec = json.loads((ckpt_dir / MODEL_CONFIG).read_text())
-        known = {f.name for f in fields(TrainConfig)}
-        if unknown := sorted(overrides.keys() - known):
-            raise TypeError(f"not TrainConfig fields: {', '.join(unknown)}")
-        cfg = replace(TrainConfig(**state["train_config"]), **overrides)
-        if model is None:
-            if spec["model"] is None:
-                raise ValueError(f"{ckpt_dir} was saved from a custom module: pass it as model=")
-            model = build_model(spec["model"], spec["config"])
-        metadata = load_weights(model, ckpt_dir / WEIGHTS)
-        tokenizer = load_tokenizer(ckpt_dir) if (ckpt_dir / TOKENIZER).is_file() else None
-        trainer = cls(model, cfg, train_data, val_data, model_name=spec["model"], model_config=spec["config"],
-                      tokenizer=tokenizer, verbose=verbose)
-        saved = torch.load(ckpt_dir / OPTIMIZER, map_location="cpu", weights_only=True)
-        steps = {WEIGHTS: int(metadata.get("step", -1)), OPTIMIZER: saved["step"], TRAIN_STATE: state["step"]}
-        if len(set(steps.values())) > 1:
-            raise ValueError(f"checkpoint {ckpt_dir} is inconsistent (steps {steps}): it was probably interrupted "
-                             f"while saving; use an earlier copy or start again")
-        try:
-            trainer.optimizer.load_state_dict(saved["optimizer"])
-        except ValueError as err:
-            raise ValueError(f"the optimizer state in {ckpt_dir / OPTIMIZER} does not fit the model's parameter "
-                             f"groups ({err})") from err
-        if trainer.scaler is not None and saved.get("scaler") is not None:
-            trainer.scaler.load_state_dict(saved["scaler"])
-        trainer.step, trainer.elapsed, trainer.history = state["step"], state["elapsed"], state["history"]
-        rng = saved["rng"]["by_rank"][trainer.rank] if trainer.world_size > 1 else saved["rng"]
-        torch.set_rng_state(rng["torch"])
-        trainer.data_generator.set_state(rng["data"])
-        if rng["cuda"] is not None and trainer.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], trainer.device)
-        return trainer
+        return resume_checkpoint(cls, ckpt_dir, train_data, val_data, model=model, verbose=verbose, **overrides)
+
 
 # %% ../notebooks/03_gpt/03_training.ipynb #1cabee52
 def start_data_parallel(device: str = "auto") -> str | None:
@@ -592,3 +423,189 @@ def stop_data_parallel() -> None:
     """Leave the process group (if any), so the processes exit cleanly."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+# %% ../notebooks/03_gpt/03_training.ipynb #6c6b9d08
+def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Save `model.state_dict()` as safetensors, each shared (tied) tensor once; the aliases go in the metadata."""
+    tensors, tied, first_name, storages = {}, {}, {}, set()
+    for name, t in model.state_dict().items():
+        view = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        if t.numel() and view in first_name:  # the same tensor under a second name
+            tied[name] = first_name[view]
+            continue
+        first_name[view] = name
+        t = t.detach()
+        # safetensors wants each memory block once: copy a tensor that is a different view of a saved one
+        t = t.clone() if t.numel() and view[0] in storages else t.contiguous()
+        storages.add(view[0])
+        tensors[name] = t.cpu()
+    save_file(tensors, str(path), metadata={**(metadata or {}), "tied": json.dumps(tied)})
+
+
+def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
+    """Load a `save_weights` file into `model` (in place), restoring tied names. Returns the file's metadata.
+
+    Every tensor the model expects must be in the file with the same shape, and nothing else: a mismatch
+    raises a ValueError that lists the missing, unexpected and mis-shaped tensors.
+    """
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    for alias, source in json.loads(metadata.get("tied", "{}")).items():
+        if source in tensors:
+            tensors[alias] = tensors[source]
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - tensors.keys())
+    unexpected = sorted(tensors.keys() - expected.keys())
+    misshaped = [f"{k}: file {tuple(tensors[k].shape)}, model {tuple(expected[k].shape)}"
+                 for k in expected.keys() & tensors.keys() if tensors[k].shape != expected[k].shape]
+    if missing or unexpected or misshaped:
+        problems = [f"{what} ({len(names)}): {', '.join(names[:10])}"
+                    f"{f', ... and {len(names) - 10} more' if len(names) > 10 else ''}"
+                    for what, names in (("missing", missing), ("unexpected", unexpected),
+                                        ("shape mismatch", sorted(misshaped))) if names]
+        raise ValueError(f"{path} does not fit this model: " + "; ".join(problems) +
+                         ". Build the model from the checkpoint's model_config.json (load_model does) "
+                         "or load a checkpoint saved from this configuration.")
+    model.load_state_dict(tensors)
+    return metadata
+
+# %% ../notebooks/03_gpt/03_training.ipynb #771245a2
+MODEL_REGISTRY = {"gpt": ("scratchlm.gpt", "GPTConfig", "GPT")}  # name -> (module, config class, model class)
+WEIGHTS, MODEL_CONFIG, TOKENIZER, TRAIN_STATE, OPTIMIZER = (
+    "model.safetensors", "model_config.json", "tokenizer.json", "train_state.json", "optimizer.pt")
+
+
+def build_model(name: str, config: dict) -> nn.Module:
+    """A freshly initialised model from its registry name and config dict: build_model("gpt", {...})."""
+    if name not in MODEL_REGISTRY:  # a later chapter's model: its module registers it when imported
+        import scratchlm
+
+        for model_module in scratchlm.MODEL_MODULES:
+            importlib.import_module(model_module)
+    if name not in MODEL_REGISTRY:
+        raise ValueError(f"unknown model {name!r}; scratchlm can build: {', '.join(sorted(MODEL_REGISTRY))}")
+    module, config_class, model_class = MODEL_REGISTRY[name]
+    module = importlib.import_module(module)
+    return getattr(module, model_class)(getattr(module, config_class)(**config))
+
+
+def check_checkpoint(ckpt_dir: str | Path, needed: tuple[str, ...]) -> Path:
+    """`ckpt_dir` as a Path, after checking that it holds every file in `needed` (else a clear error)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {ckpt_dir} does not exist; train one first, e.g. "
+                                f"`python -m scratchlm train --profile cpu --out {ckpt_dir}`")
+    missing = [name for name in needed if not (ckpt_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint folder {ckpt_dir} is missing {', '.join(missing)} (a checkpoint holds "
+                                f"{', '.join(needed)}); it is incomplete or not a scratchlm checkpoint")
+    return ckpt_dir
+
+
+def save_tokenizer(tokenizer, path: str | Path) -> None:
+    if not isinstance(tokenizer, CharTokenizer):
+        raise TypeError(f"only a CharTokenizer can be saved with a checkpoint, got {type(tokenizer).__name__}")
+    Path(path).write_text(json.dumps({"type": "char", "chars": tokenizer.chars}, ensure_ascii=False), encoding="utf-8")
+
+
+def load_tokenizer(ckpt_dir: str | Path) -> CharTokenizer:
+    """The tokenizer saved with a checkpoint."""
+    spec = json.loads((check_checkpoint(ckpt_dir, (TOKENIZER,)) / TOKENIZER).read_text(encoding="utf-8"))
+    if spec.get("type") != "char":
+        raise ValueError(f"{Path(ckpt_dir) / TOKENIZER} holds a {spec.get('type')!r} tokenizer; only 'char' is known")
+    return CharTokenizer(spec["chars"])
+
+
+def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The model saved in a checkpoint folder, rebuilt from model_config.json, in eval mode on `device`."""
+    ckpt_dir = check_checkpoint(ckpt_dir, (WEIGHTS, MODEL_CONFIG))
+    spec = json.loads((ckpt_dir / MODEL_CONFIG).read_text())
+    if spec.get("model") is None:
+        raise ValueError(f"{ckpt_dir / MODEL_CONFIG} names no model (saved from a custom module): build the module "
+                         f"yourself and call load_weights(model, '{ckpt_dir / WEIGHTS}')")
+    model = build_model(spec["model"], spec["config"])
+    load_weights(model, ckpt_dir / WEIGHTS)
+    return model.to(device).eval()
+
+# %% ../notebooks/03_gpt/03_training.ipynb #65314f25
+def save_checkpoint(self, ckpt_dir: str | Path) -> Path:
+    """`Trainer.save`: write a checkpoint folder: weights, model config, tokenizer, train state, optimizer and RNG states.
+
+    With several processes every one calls it (their random states are gathered) and process 0 writes."""
+    ckpt_dir = Path(ckpt_dir)
+    rng = {"torch": torch.get_rng_state(), "data": self.data_generator.get_state(),
+           "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+    if self.world_size > 1:
+        every_rng = [None] * self.world_size
+        dist.all_gather_object(every_rng, rng)
+        if self.rank > 0:
+            dist.barrier()  # wait until process 0 has written the folder
+            return ckpt_dir
+        rng = {**rng, "by_rank": every_rng}
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    save_weights(self.model, ckpt_dir / WEIGHTS, metadata={"step": str(self.step)})
+    (ckpt_dir / MODEL_CONFIG).write_text(json.dumps({"model": self.model_name, "config": self.model_config},
+                                                    indent=1))
+    if self.tokenizer is not None:
+        save_tokenizer(self.tokenizer, ckpt_dir / TOKENIZER)
+    scaler = None if self.scaler is None else self.scaler.state_dict()
+    torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": rng, "scaler": scaler},
+               ckpt_dir / OPTIMIZER)
+    # written last: a folder whose train_state.json disagrees with the rest was interrupted while saving
+    state = {"step": self.step, "elapsed": self.elapsed, "train_config": asdict(self.cfg), "history": self.history}
+    if self.world_size > 1:
+        state["processes"] = self.world_size
+    (ckpt_dir / TRAIN_STATE).write_text(json.dumps(state))
+    if self.world_size > 1:
+        dist.barrier()
+    return ckpt_dir
+
+
+def resume_checkpoint(cls, ckpt_dir: str | Path, train_data: torch.Tensor, val_data: torch.Tensor, *,
+                    model: nn.Module | None = None, verbose: bool = True, **overrides) -> "Trainer":
+    """`Trainer.from_checkpoint`: continue a run saved by `save`, exactly where it stopped, global RNG state too.
+
+    `model`: a module to load the weights into (default: rebuilt from model_config.json).
+    `overrides`: TrainConfig fields to change, e.g. `max_steps=4000` (this changes the schedule).
+    """
+    ckpt_dir = check_checkpoint(ckpt_dir, (WEIGHTS, MODEL_CONFIG, TRAIN_STATE, OPTIMIZER))
+    state = json.loads((ckpt_dir / TRAIN_STATE).read_text())
+    saved_by, now = state.get("processes", 1), process_rank_and_count()[1]
+    if saved_by != now:
+        raise ValueError(f"{ckpt_dir} was trained by {saved_by} process(es) and this run has {now}: each process "
+                         f"draws its own batches, so resume with the same number "
+                         f"(torchrun --nproc_per_node={saved_by}, or no torchrun for 1)")
+    spec = json.loads((ckpt_dir / MODEL_CONFIG).read_text())
+    known = {f.name for f in fields(TrainConfig)}
+    if unknown := sorted(overrides.keys() - known):
+        raise TypeError(f"not TrainConfig fields: {', '.join(unknown)}")
+    cfg = replace(TrainConfig(**state["train_config"]), **overrides)
+    if model is None:
+        if spec["model"] is None:
+            raise ValueError(f"{ckpt_dir} was saved from a custom module: pass it as model=")
+        model = build_model(spec["model"], spec["config"])
+    metadata = load_weights(model, ckpt_dir / WEIGHTS)
+    tokenizer = load_tokenizer(ckpt_dir) if (ckpt_dir / TOKENIZER).is_file() else None
+    trainer = cls(model, cfg, train_data, val_data, model_name=spec["model"], model_config=spec["config"],
+                  tokenizer=tokenizer, verbose=verbose)
+    saved = torch.load(ckpt_dir / OPTIMIZER, map_location="cpu", weights_only=True)
+    steps = {WEIGHTS: int(metadata.get("step", -1)), OPTIMIZER: saved["step"], TRAIN_STATE: state["step"]}
+    if len(set(steps.values())) > 1:
+        raise ValueError(f"checkpoint {ckpt_dir} is inconsistent (steps {steps}): it was probably interrupted "
+                         f"while saving; use an earlier copy or start again")
+    try:
+        trainer.optimizer.load_state_dict(saved["optimizer"])
+    except ValueError as err:
+        raise ValueError(f"the optimizer state in {ckpt_dir / OPTIMIZER} does not fit the model's parameter "
+                         f"groups ({err})") from err
+    if trainer.scaler is not None and saved.get("scaler") is not None:
+        trainer.scaler.load_state_dict(saved["scaler"])
+    trainer.step, trainer.elapsed, trainer.history = state["step"], state["elapsed"], state["history"]
+    rng = saved["rng"]["by_rank"][trainer.rank] if trainer.world_size > 1 else saved["rng"]
+    torch.set_rng_state(rng["torch"])
+    trainer.data_generator.set_state(rng["data"])
+    if rng["cuda"] is not None and trainer.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], trainer.device)
+    return trainer
+
