@@ -13,7 +13,7 @@ Training uses the same code and settings as notebook 03_gpt/03_training (`scratc
 `--model deepseek`, the DeepSeek-style model of 05_deepseek/05_deepseek_v3, with that Llama's active parameters)
 and saves a checkpoint folder every evaluation and at the end; the folder holds the tokenizer, so
 sampling needs no data file. Launched by `torchrun --nproc_per_node=N`, `train` runs data-parallel on N
-processes (NCCL on CUDA, gloo on CPU; section 11 of 03_training). `python -m scratchlm COMMAND --help`
+processes (NCCL on CUDA, gloo on CPU; section 10 of 03_training). `python -m scratchlm COMMAND --help`
 lists each command's options.
 """
 # (for maintainers: this module is hand-written, it has no notebook)
