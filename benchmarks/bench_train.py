@@ -147,16 +147,21 @@ def nanogpt_run(folder: Path) -> dict:
             "whole_split": split_loss(model, val_data, args["block_size"])}
 
 
-def step_throughput(steps: int = 40, warmup: int = 5, **changes) -> float:
-    """Tokens per second of `steps` training steps after `warmup` untimed ones (compilation happens there)."""
+def step_throughput(steps: int = 40, warmup: int = 5, **changes) -> tuple[float, float]:
+    """(tokens per second of `steps` training steps after `warmup` untimed ones, seconds of the first step).
+
+    The first step includes torch.compile's compilation when it is on: its start-up cost."""
     trainer = make_trainer(10_000, **changes)
-    for _ in range(warmup):
+    start = time.perf_counter()
+    trainer.train_step()
+    first_step = time.perf_counter() - start
+    for _ in range(warmup - 1):
         trainer.train_step()
     start = time.perf_counter()
     for _ in range(steps):
         trainer.train_step()
     cfg = trainer.cfg
-    return steps * cfg.batch_size * cfg.grad_accum_steps * cfg.block_size / (time.perf_counter() - start)
+    return steps * cfg.batch_size * cfg.grad_accum_steps * cfg.block_size / (time.perf_counter() - start), first_step
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -165,6 +170,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nanogpt", type=Path, default=os.environ.get("NANOGPT_DIR"),
                         help="a nanoGPT clone with prepared data, to run its CPU recipe first (default: $NANOGPT_DIR)")
     parser.add_argument("--no-variants", action="store_true", help="skip the bfloat16 / torch.compile comparison")
+    parser.add_argument("--only-variants", action="store_true", help="run only the bfloat16 / torch.compile comparison")
+    parser.add_argument("--warm-compile-cache", action="store_true",
+                        help="let torch.compile reuse its on-disk cache from earlier runs (default: an empty cache, "
+                             "so the first step shows the whole compilation)")
     parser.add_argument("--child", type=float, help=argparse.SUPPRESS)  # the timed run in its own process: launch time
     args = parser.parse_args([] if argv is None else argv)
     if args.child:
@@ -172,6 +181,11 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     print(f"cpu profile (4 layers, 4 heads, 128 wide, context 64, batch 12), {torch.get_num_threads()} threads")
+    if not args.warm_compile_cache:  # Inductor reads this when it first compiles: a cold start, as on a new machine
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cache-")
+    if args.only_variants:
+        variants()
+        return
     step_profile()
     nano = nanogpt_run(Path(args.nanogpt).expanduser()) if args.nanogpt else None
     _, stdout = timed_process([sys.executable, str(Path(__file__).resolve()), "--child", repr(time.time()),
@@ -200,19 +214,24 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_variants:
         return
 
-    print("\nthe same training step, tokens/s relative to float32 eager (40 timed steps after 5 untimed):")
-    print("| variant | tokens/s | ratio |")
-    print("|---|---|---|")
-    base = step_throughput()
-    print(f"| float32, eager | {base:,.0f} | 1.00 |")
+    variants()
+
+
+def variants() -> None:
+    """The same training step in float32 eager, bfloat16 autocast and torch.compile: speed, and the first step's cost."""
+    print("\nthe same training step, tokens/s relative to float32 eager (40 timed steps after 5 untimed);")
+    print("the first step's time includes torch.compile's compilation, its start-up cost:")
+    print("| variant | tokens/s | ratio | first step |")
+    print("|---|---|---|---|")
+    base, first = step_throughput()
+    print(f"| float32, eager | {base:,.0f} | 1.00 | {first:.2f} s |")
     for name, changes in (("bfloat16 autocast, eager", {"dtype": "bfloat16"}),
                           ("float32, torch.compile", {"compile": True})):
         try:
-            rate = step_throughput(**changes)
-            print(f"| {name} | {rate:,.0f} | {rate / base:.2f} |")
+            rate, first = step_throughput(**changes)
+            print(f"| {name} | {rate:,.0f} | {rate / base:.2f} | {first:.2f} s |")
         except Exception as err:  # torch.compile needs a working C++ compiler on CPU
-            print(f"| {name} | failed: {type(err).__name__}: {str(err).splitlines()[0][:80]} | - |")
-
+            print(f"| {name} | failed: {type(err).__name__}: {str(err).splitlines()[0][:80]} | - | - |")
 
 if __name__ == "__main__":
     main(sys.argv[1:])
