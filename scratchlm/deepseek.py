@@ -18,7 +18,7 @@ from .gpt import CheckpointMismatchError, register_architecture
 from .layers import GatedMLP, RMSNorm
 from .llama import Llama, LlamaConfig, _rope_from_hf, load_llama_tensors
 from .mla import MultiHeadLatentAttention, check_mla_sizes, mla_softmax_scale
-from .moe import Experts, stack_expert_tensors
+from .moe import Experts, init_moe_weights, stack_expert_tensors
 from .mtp import MTPLayer, check_mtp_depth, final_hidden, predict_ahead
 from .train import MODEL_REGISTRY
 
@@ -131,12 +131,7 @@ class DeepseekV3(Llama):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        std = self.config.initializer_range
-        if isinstance(module, Experts):
-            nn.init.normal_(module.gate_up_proj, std=std)
-            nn.init.normal_(module.down_proj, std=std)
-        elif isinstance(module, DeepSeekRouter):
-            nn.init.normal_(module.weight, std=std)
+        init_moe_weights(module, self.config.initializer_range, routers=(DeepSeekRouter,))
 
     def make_cache(self) -> KVCache:
         return KVCache()  # each MLA layer stores its latent and rotary key in it

@@ -171,13 +171,17 @@ class Llama(nn.Module):
     def output(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(x))  # (B, T, vocab_size)
 
-    def forward(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
+    def hidden(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
+        """The residual stream after the last block, (B, T, C): what `output` turns into logits."""
         start = cache.seq_len if cache is not None else 0  # positions already in the cache
         T = check_input_ids(input_ids, start, self.config.block_size, " (max_position_embeddings)")
         x = self.embed(input_ids)  # (B, T, C)
         for layer, (cos, sin) in zip(self.layers, self.rope_tables(T, start), strict=True):
             x = layer(x, cos, sin, cache=cache)
-        return self.output(x)
+        return x
+
+    def forward(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
+        return self.output(self.hidden(input_ids, cache))
 
 # %% ../notebooks/04_llama/04_llama_and_friends.ipynb #6bbc2502
 _ROTARY_BUFFER = re.compile(r"(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # saved by old checkpoints

@@ -3,8 +3,8 @@
 # %% auto #0
 __all__ = ['DISPATCHES', 'TopKRouter', 'expert_ffn', 'dispatch_loop', 'expert_positions', 'dispatch_sorted', 'dispatch_grouped',
            'grouped_mm_usable', 'Experts', 'SparseMoE', 'load_balancing_loss', 'router_z_loss', 'expert_capacity',
-           'Qwen3MoeConfig', 'Qwen3MoeBlock', 'Qwen3Moe', 'stack_expert_tensors', 'qwen3_moe_config_from_hf',
-           'qwen3_moe_from_hf']
+           'Qwen3MoeConfig', 'Qwen3MoeBlock', 'init_moe_weights', 'Qwen3Moe', 'stack_expert_tensors',
+           'qwen3_moe_config_from_hf', 'qwen3_moe_from_hf']
 
 # %% ../notebooks/05_deepseek/01_mixture_of_experts.ipynb #7fc5ec7d
 import math
@@ -287,6 +287,16 @@ class Qwen3MoeBlock(LlamaBlock):
                                  c.norm_topk_prob, activation=c.hidden_act, dispatch=c.moe_dispatch)
 
 
+def init_moe_weights(module: nn.Module, std: float, routers: tuple[type, ...] = (TopKRouter,)) -> None:
+    """transformers' initialisation of the MoE parts, normal(0, std): the stacked experts' matrices and the
+    weight of a router of the classes in `routers`. A model's _init_weights calls it after Llama's."""
+    if isinstance(module, Experts):
+        nn.init.normal_(module.gate_up_proj, std=std)
+        nn.init.normal_(module.down_proj, std=std)
+    elif isinstance(module, routers):
+        nn.init.normal_(module.weight, std=std)
+
+
 class Qwen3Moe(Llama):
     """Qwen3-MoE: Llama with Qwen3MoeBlocks. model.aux_loss() is the pooled balancing loss of the last forward."""
 
@@ -294,12 +304,7 @@ class Qwen3Moe(Llama):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        std = self.config.initializer_range
-        if isinstance(module, Experts):
-            nn.init.normal_(module.gate_up_proj, std=std)
-            nn.init.normal_(module.down_proj, std=std)
-        elif isinstance(module, TopKRouter):
-            nn.init.normal_(module.weight, std=std)
+        init_moe_weights(module, self.config.initializer_range)
 
     def moe_layers(self) -> list[SparseMoE]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoE)]

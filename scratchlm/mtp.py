@@ -68,13 +68,8 @@ class MTPLayer(nn.Module):
 def final_hidden(model: nn.Module, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
     """The main model's hidden state after its final norm, (B, T, C): what its output head reads (`model(ids)` is
     `model.lm_head(final_hidden(model, ids))`) and what MTP depth 1 starts from. `model`: a Llama-family model of
-    scratchlm (embed, layers, rope_tables, norm, lm_head), such as scratchlm.deepseek.DeepseekV3."""
-    start = cache.seq_len if cache is not None else 0  # positions already in the cache
-    T = check_input_ids(input_ids, start, model.config.block_size, " (max_position_embeddings)")
-    x = model.embed(input_ids)  # (B, T, C)
-    for layer, (cos, sin) in zip(model.layers, model.rope_tables(T, start), strict=True):
-        x = layer(x, cos, sin, cache=cache)
-    return model.norm(x)
+    scratchlm (a `Llama` or a subclass), such as scratchlm.deepseek.DeepseekV3."""
+    return model.norm(model.hidden(input_ids, cache))
 
 
 def predict_ahead(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
