@@ -529,40 +529,40 @@ def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> nn.M
     return model.to(device).eval()
 
 # %% ../notebooks/03_gpt/03_training.ipynb #65314f25
-def save_checkpoint(self, ckpt_dir: str | Path) -> Path:
+def save_checkpoint(trainer: Trainer, ckpt_dir: str | Path) -> Path:
     """`Trainer.save`: write a checkpoint folder: weights, model config, tokenizer, train state, optimizer and RNG states.
 
     With several processes every one calls it (their random states are gathered) and process 0 writes."""
     ckpt_dir = Path(ckpt_dir)
-    rng = {"torch": torch.get_rng_state(), "data": self.data_generator.get_state(),
-           "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
-    if self.world_size > 1:
-        every_rng = [None] * self.world_size
+    rng = {"torch": torch.get_rng_state(), "data": trainer.data_generator.get_state(),
+           "cuda": torch.cuda.get_rng_state(trainer.device) if trainer.device.type == "cuda" else None}
+    if trainer.world_size > 1:
+        every_rng = [None] * trainer.world_size
         dist.all_gather_object(every_rng, rng)
-        if self.rank > 0:
+        if trainer.rank > 0:
             dist.barrier()  # wait until process 0 has written the folder
             return ckpt_dir
         rng = {**rng, "by_rank": every_rng}
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    save_weights(self.model, ckpt_dir / WEIGHTS, metadata={"step": str(self.step)})
-    (ckpt_dir / MODEL_CONFIG).write_text(json.dumps({"model": self.model_name, "config": self.model_config},
+    save_weights(trainer.model, ckpt_dir / WEIGHTS, metadata={"step": str(trainer.step)})
+    (ckpt_dir / MODEL_CONFIG).write_text(json.dumps({"model": trainer.model_name, "config": trainer.model_config},
                                                     indent=1))
-    if self.tokenizer is not None:
-        save_tokenizer(self.tokenizer, ckpt_dir / TOKENIZER)
-    scaler = None if self.scaler is None else self.scaler.state_dict()
-    torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": rng, "scaler": scaler},
+    if trainer.tokenizer is not None:
+        save_tokenizer(trainer.tokenizer, ckpt_dir / TOKENIZER)
+    scaler = None if trainer.scaler is None else trainer.scaler.state_dict()
+    torch.save({"step": trainer.step, "optimizer": trainer.optimizer.state_dict(), "rng": rng, "scaler": scaler},
                ckpt_dir / OPTIMIZER)
     # written last: a folder whose train_state.json disagrees with the rest was interrupted while saving
-    state = {"step": self.step, "elapsed": self.elapsed, "train_config": asdict(self.cfg), "history": self.history}
-    if self.world_size > 1:
-        state["processes"] = self.world_size
+    state = {"step": trainer.step, "elapsed": trainer.elapsed, "train_config": asdict(trainer.cfg), "history": trainer.history}
+    if trainer.world_size > 1:
+        state["processes"] = trainer.world_size
     (ckpt_dir / TRAIN_STATE).write_text(json.dumps(state))
-    if self.world_size > 1:
+    if trainer.world_size > 1:
         dist.barrier()
     return ckpt_dir
 
 
-def resume_checkpoint(cls, ckpt_dir: str | Path, train_data: torch.Tensor, val_data: torch.Tensor, *,
+def resume_checkpoint(trainer_class: type[Trainer], ckpt_dir: str | Path, train_data: torch.Tensor, val_data: torch.Tensor, *,
                     model: nn.Module | None = None, verbose: bool = True, **overrides) -> "Trainer":
     """`Trainer.from_checkpoint`: continue a run saved by `save`, exactly where it stopped, global RNG state too.
 
@@ -587,7 +587,7 @@ def resume_checkpoint(cls, ckpt_dir: str | Path, train_data: torch.Tensor, val_d
         model = build_model(spec["model"], spec["config"])
     metadata = load_weights(model, ckpt_dir / WEIGHTS)
     tokenizer = load_tokenizer(ckpt_dir) if (ckpt_dir / TOKENIZER).is_file() else None
-    trainer = cls(model, cfg, train_data, val_data, model_name=spec["model"], model_config=spec["config"],
+    trainer = trainer_class(model, cfg, train_data, val_data, model_name=spec["model"], model_config=spec["config"],
                   tokenizer=tokenizer, verbose=verbose)
     saved = torch.load(ckpt_dir / OPTIMIZER, map_location="cpu", weights_only=True)
     steps = {WEIGHTS: int(metadata.get("step", -1)), OPTIMIZER: saved["step"], TRAIN_STATE: state["step"]}
