@@ -3,6 +3,7 @@
     python benchmarks/bench_train.py                          # where a step's time goes, then the full run
     python benchmarks/bench_train.py --nanogpt ~/src/nanoGPT # also nanoGPT's own code, one after the other
     python benchmarks/bench_train.py --steps 200              # a quick run (the schedule shrinks to 200 steps)
+    python benchmarks/bench_train.py --only-variants          # only part 4: bfloat16 and torch.compile
 
 1. Where the time of one training step goes: forward, backward, the optimizer (a loop over the tensors,
    `foreach`, or `fused`, which the trainer uses) and clipping, in milliseconds.
@@ -15,14 +16,18 @@
    must have been run) or NANOGPT_DIR set: nanoGPT's `train.py` with its README's CPU command line, run
    first, with one thread as well; its wall time from launch, its last logged estimate, and the loss of
    its saved model on the whole validation split, computed here with this course's GPT.
-4. The same training step in float32 eager mode, bfloat16 autocast and `torch.compile`.
+4. The same training step in float32 eager mode, bfloat16 autocast and `torch.compile`, and the time of
+   each one's first step: for `torch.compile` that is its start-up cost, compilation included, measured
+   with an empty compile cache (as on a new machine) unless `--warm-compile-cache`.
 Run it with one thread (`make bench` sets OMP_NUM_THREADS=1) on an otherwise idle machine.
 """
 
 import argparse
+import atexit
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -182,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"cpu profile (4 layers, 4 heads, 128 wide, context 64, batch 12), {torch.get_num_threads()} threads")
     if not args.warm_compile_cache:  # Inductor reads this when it first compiles: a cold start, as on a new machine
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cache-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache = tempfile.mkdtemp(prefix="inductor-cache-")
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
     if args.only_variants:
         variants()
         return
@@ -232,6 +238,7 @@ def variants() -> None:
             print(f"| {name} | {rate:,.0f} | {rate / base:.2f} | {first:.2f} s |")
         except Exception as err:  # torch.compile needs a working C++ compiler on CPU
             print(f"| {name} | failed: {type(err).__name__}: {str(err).splitlines()[0][:80]} | - | - |")
+
 
 if __name__ == "__main__":
     main(sys.argv[1:])
