@@ -167,13 +167,20 @@ def test_the_notebooks_with_code_after_a_solution_are_few():
 @pytest.mark.parametrize("notebook", RUN, ids=[str(p) for p in RUN])
 def test_student_notebook_runs_top_to_bottom_at_ci(copy, notebook, tmp_path):
     """Nothing later in a notebook needs a name that only a solution defined. The notebook runs in its own
-    process (nbconvert), apart from the kernels nbval drives in this worker."""
+    process (nbconvert), apart from the kernels nbval drives in this worker.
+
+    Its kernel talks over Unix sockets (`KernelManager.transport=ipc`), not TCP: jupyter_client picks a TCP
+    kernel's five ports by binding and releasing them, so a kernel launched at the same moment as an nbval
+    kernel in the other worker can be handed the same ports. That race is the likely cause of the one stall
+    seen (a fresh-clone CI run: for several minutes the kernel sat idle while nbconvert waited for a reply;
+    the test passed in the end, and `make test` took 1375 s instead of about 570)."""
     env = {**os.environ, "SCRATCHLM_PROFILE": "ci", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.pop("MPLBACKEND", None)
     executed = tmp_path / notebook.name
     done = subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
                            "--ExecutePreprocessor.timeout=1200", "--ExecutePreprocessor.kernel_name=python3",
+                           "--KernelManager.transport=ipc",
                            "--output", str(executed), str(copy / notebook)],
                           cwd=(copy / notebook).parent, env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-4000:]
