@@ -7,6 +7,7 @@
   JupyterLab 4, GitHub and nbviewer do not restore saved widget state, and show the widget's raw repr.
 """
 
+import ast
 import json
 import re
 from pathlib import Path
@@ -107,11 +108,14 @@ def test_solutions_hide_their_outputs_too(path):
             assert hidden.get("outputs_hidden"), f"{path.name}, cell {index}: source hidden, outputs shown"
 
 
+def parse_cell(source: str):
+    """A code cell's syntax tree, its IPython magics (% and !) left out."""
+    return ast.parse("\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))))
+
+
 def bound_names(source: str) -> set[str]:
     """The names a cell binds at its top level (assignments, loop targets, defs, classes), imports left out."""
-    import ast
-
-    tree = ast.parse("\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))))
+    tree = parse_cell(source)
     names = set()
     for statement in tree.body:
         if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -134,8 +138,6 @@ def bound_names(source: str) -> set[str]:
 def read_names(source: str) -> set[str]:
     """The notebook variables a cell reads: names loaded where neither the cell nor an enclosing function,
     lambda or comprehension binds them."""
-    import ast
-
     def stored(nodes) -> set[str]:
         return {n.id for node in nodes for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
 
@@ -152,7 +154,7 @@ def read_names(source: str) -> set[str]:
             return set() if node.id in local else {node.id}
         return set().union(*(reads(child, local) for child in ast.iter_child_nodes(node)))
 
-    tree = ast.parse("\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))))
+    tree = parse_cell(source)
     return reads(tree, frozenset()) - bound_names(source)
 
 
