@@ -134,3 +134,73 @@ def test_unreachable_cpu_index_fails_within_seconds(tmp_path):
     elapsed = time.perf_counter() - start
     assert result.returncode != 0
     assert elapsed < 30, f"pip took {elapsed:.0f} s to give up on an unreachable index"
+
+
+# --- `make lab` installs everything a notebook imports -------------------------------------------------
+
+def notebook_imports(path: Path) -> set[str]:
+    """The top-level modules a notebook's code cells import (absolute imports only)."""
+    import ast
+
+    import nbformat
+
+    modules = set()
+    for cell in nbformat.read(path, as_version=4).cells:
+        if cell.cell_type != "code":
+            continue
+        # IPython's magics and shell escapes are not Python: blank them, keeping the line count
+        source = "\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in cell.source.splitlines())
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    return modules
+
+
+def distributions_installed_by(extra: str) -> set[str]:
+    """Every distribution that `pip install scratchlm[extra]` brings: scratchlm's own requirements and the
+    extra's, then their requirements, recursively (as installed in this environment, markers evaluated)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen, todo = set(), [("scratchlm", extra)]
+    while todo:
+        name, with_extra = todo.pop()
+        for text in metadata.requires(name) or []:
+            requirement = Requirement(text)
+            if requirement.marker and not requirement.marker.evaluate({"extra": with_extra or ""}):
+                continue
+            dist = canonicalize_name(requirement.name)
+            if dist not in seen:
+                seen.add(dist)
+                todo.append((dist, ""))
+                todo.extend((dist, e) for e in requirement.extras)
+    return seen
+
+
+def test_the_course_extra_installs_every_module_a_notebook_imports():
+    """`make lab` installs `.[course]`; a notebook importing a package only `.[dev]` brings (peft, trl and
+    datasets once did) stops at ModuleNotFoundError in a learner's JupyterLab."""
+    from importlib import metadata
+
+    from packaging.utils import canonicalize_name
+
+    provided_by = metadata.packages_distributions()  # top-level module -> the distributions that ship it
+    course = distributions_installed_by("course") | {"scratchlm"}
+    missing = {}
+    for path in sorted((ROOT / "notebooks").rglob("*.ipynb")):
+        if ".ipynb_checkpoints" in path.parts:
+            continue
+        for module in notebook_imports(path):
+            if module in sys.stdlib_module_names or module == "scratchlm":
+                continue
+            dists = {canonicalize_name(d) for d in provided_by.get(module, [])}
+            assert dists, f"{path.relative_to(ROOT)} imports {module}, which no installed distribution provides"
+            if not dists & course:
+                missing.setdefault(module, []).append(str(path.relative_to(ROOT)))
+    assert not missing, ("these notebook imports are not installed by the `course` extra (`make lab`); "
+                         f"add their distributions to it in pyproject.toml: {missing}")
+    assert len(course) > 20  # the walk through requirements found the course's dependencies at all
