@@ -1,5 +1,8 @@
 """The scratchlm command line: train a chapter model on TinyShakespeare, sample from a checkpoint, align (chapter 06).
 
+Run it in the course's virtualenv, which `make lab` created: `source .venv/bin/activate` first (then
+`python` and `torchrun` below are the ones in .venv), or write `.venv/bin/python -m scratchlm ...`.
+
     python -m scratchlm train --model gpt --profile cpu --out runs/shakespeare-char
     python -m scratchlm train --model llama --profile cpu --out runs/llama-char
     python -m scratchlm train --model deepseek --profile cpu --out runs/deepseek-char
@@ -19,6 +22,7 @@ lists each command's options.
 # (for maintainers: this module is hand-written, it has no notebook)
 
 import argparse
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +33,62 @@ from pathlib import Path
 MODELS = ("gpt", "llama", "deepseek")
 
 
+def check_device(name: str) -> None:
+    """Refuse a --device this machine cannot use (ValueError, one line), before any data is read or model built."""
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: PyTorch does not know this device; use cpu, cuda or cuda:N (the "
+                         f"GPU's index), or drop --device to use cuda when available, else the CPU") from None
+    if device.type == "cpu":
+        return
+    if device.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            raise ValueError(f"--device {name}: this PyTorch build has no CUDA (torch {torch.__version__}); drop "
+                             f"--device to use the CPU, or install a CUDA build of PyTorch")
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: PyTorch {torch.__version__} is built for CUDA but sees no GPU (check "
+                             f"nvidia-smi and CUDA_VISIBLE_DEVICES); drop --device to use the CPU")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: this machine has {count} visible CUDA device{'s' * (count != 1)} "
+                             f"(cuda:0 to cuda:{count - 1}); choose one of them, or drop --device to use cuda:0")
+        return
+    available = {"mps": lambda: torch.backends.mps.is_available(),
+                 "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available()}
+    if device.type not in available:
+        raise ValueError(f"--device {name}: scratchlm runs on cpu, cuda (cuda:N) or, where PyTorch has them, mps "
+                         f"and xpu; drop --device to use cuda when available, else the CPU")
+    if not available[device.type]():
+        raise ValueError(f"--device {name}: this machine or PyTorch build ({torch.__version__}) has no "
+                         f"{device.type} device; drop --device to use the CPU")
+
+
+def existing_ancestor(path: Path) -> Path:
+    """The nearest of path and its parents that exists (the folder that `mkdir(parents=True)` would start from)."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_folder_to_write(option: str, path: Path, purpose: str) -> None:
+    """Refuse a folder argument (--out, --base) that is a file, or that cannot be made, before any training."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path} is a file; {option} wants a folder: {purpose}")
+    start = existing_ancestor(path)
+    if not start.is_dir():
+        raise ValueError(f"{option} {path}: {start} is a file, so the folder cannot be made there")
+    if not os.access(start, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: {start} is not writable; choose a folder you can write to")
+
+
 def train(args: argparse.Namespace) -> None:
+    check_folder_to_write("--out", Path(args.out), "training writes its checkpoints there")
     from scratchlm.train import start_data_parallel, stop_data_parallel
 
     # under torchrun with several processes: join their group first (NCCL on CUDA, gloo on CPU)
@@ -40,11 +99,28 @@ def train(args: argparse.Namespace) -> None:
         stop_data_parallel()
 
 
+# a model config's size, in a few words: (keys in the GPT's config, the Llama's and DeepSeek's, words)
+SUMMARY_FIELDS = ((("n_layer", "num_hidden_layers"), "layers"), (("n_head", "num_attention_heads"), "heads"),
+                  (("n_embd", "hidden_size"), "width"), (("block_size", "max_position_embeddings"), "context"),
+                  (("n_routed_experts",), "routed experts"), (("num_experts_per_tok",), "per token"))
+
+
+def model_summary(config: dict) -> str:
+    """`4 layers, 4 heads, width 128, context 64` (and the experts of a mixture-of-experts model)."""
+    words = []
+    for keys, word in SUMMARY_FIELDS:
+        value = next((config[k] for k in keys if k in config), None)
+        if value is not None:
+            words.append(f"{word} {value}" if word in ("width", "context") else f"{value} {word}")
+    return ", ".join(words)
+
+
 def _train(args: argparse.Namespace, parallel_device: str | None) -> None:
     import torch
 
     from scratchlm.data import get_profile
     from scratchlm.train import (
+        MODEL_CONFIG,
         TRAIN_STATE,
         Trainer,
         build_model,
@@ -98,7 +174,8 @@ def _train(args: argparse.Namespace, parallel_device: str | None) -> None:
         torch.manual_seed(cfg.seed)  # the same initial weights in every process
         model = build_model(args.model, model_config)
         n_params = sum(p.numel() for p in model.parameters())
-        say(f"profile {profile}: {args.model} with {n_params:,} parameters {model_config}")
+        say(f"profile {profile}: {args.model} with {n_params:,} parameters ({model_summary(model_config)}; "
+            f"the whole config goes into {out / MODEL_CONFIG})")
         per_process = f" ({processes} processes x {cfg.batch_size // processes})" if processes > 1 else ""
         say(f"{cfg.max_steps} steps of {cfg.batch_size * cfg.grad_accum_steps}{per_process} x {cfg.block_size} "
             f"tokens, lr {cfg.lr} -> {cfg.min_lr} after {cfg.warmup_steps} warmup steps; checkpoints in {out}")
@@ -106,15 +183,20 @@ def _train(args: argparse.Namespace, parallel_device: str | None) -> None:
                           tokenizer=tokenizer)
     if args.stop_at is not None and args.stop_at <= trainer.step:
         raise ValueError(f"--stop-at {args.stop_at}: the run is already at step {trainer.step}; choose a later step")
+    evaluations_before = len(trainer.history["eval"])
     trainer.fit(until=args.stop_at, progress=not args.quiet)
     if rank > 0:
         return
     final = trainer.history["eval"][-1]
     exact = split_loss(trainer.model, val_data, trainer.cfg.block_size, device=trainer.device,
                        autocast=trainer.autocast)
-    print(f"step {trainer.step}: train loss {final['train']:.4f}, val loss {final['val']:.4f} (estimates at step "
-          f"{final['step']}); val loss on the whole split {exact:.4f}; {trainer.elapsed:.0f} s of training; "
-          f"checkpoint in {out}")
+    # Trainer.evaluate has just printed "step N: train loss ..., val loss ..." if it ran at this step in this
+    # run; repeat those estimates only when it did not (a resumed run with nothing left to train)
+    printed = len(trainer.history["eval"]) > evaluations_before and final["step"] == trainer.step
+    estimates = "" if printed else (f" (estimates at step {final['step']}: train loss {final['train']:.4f}, "
+                                    f"val loss {final['val']:.4f})")
+    print(f"trained to step {trainer.step} in {trainer.elapsed:.0f} s: val loss on the whole split {exact:.4f}"
+          f"{estimates}; checkpoint in {out}")
     if trainer.step < trainer.cfg.max_steps:
         print(f"stopped at step {trainer.step} of {trainer.cfg.max_steps}: continue with --resume")
     print(f"sample from it: python -m scratchlm sample {out}")
@@ -140,20 +222,52 @@ def sample(args: argparse.Namespace) -> None:
     print(tokenizer.decode(out[0].tolist()))
 
 
+# what `scratchlm.grpo.save_base` writes and `load_base` reads: a folder holding both is a base model
+BASE_FILES = ("task_config.json", "model.safetensors")
+
+
+def check_base(base: Path) -> None:
+    """--base: a base model's folder (loaded), or an empty or missing one (the base model is trained and saved
+    there). Anything else is refused here, before a minute of training would end in an error or mixed files."""
+    purpose = "the base model is loaded from it, or trained and saved there if it holds none"
+    check_folder_to_write("--base", base, purpose)
+    if not base.is_dir():
+        return  # made when the trained base model is saved
+    held = sorted(p.name for p in base.iterdir() if not p.name.startswith("."))
+    if not held or all((base / name).is_file() for name in BASE_FILES):
+        return
+    if (base / "model_config.json").is_file():
+        kind = "a `scratchlm train` checkpoint, not a chapter 06 base model"
+    else:
+        shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+        kind = f"{shown}, not a base model ({' and '.join(BASE_FILES)})"
+    raise ValueError(f"--base {base} holds {kind}; give a folder saved by an earlier --base, or an empty or new "
+                     f"folder to train the base model and save it there")
+
+
 def align(args: argparse.Namespace) -> None:
     """Chapter 06: train the noisy-annotator base model (or load it), run alignment methods, print the table."""
     import json
     import time
 
+    if args.lora is not None and args.lora <= 0:
+        raise ValueError(f"--lora {args.lora}: the LoRA rank must be a positive integer")
+    if args.base:  # before any training: a --base that cannot be used would fail only after it
+        check_base(Path(args.base))
+    if args.json and Path(args.json).is_dir():
+        raise ValueError(f"--json {args.json} is a folder; --json wants a file name, e.g. "
+                         f"{Path(args.json) / 'align.json'}")
+    if args.json and not existing_ancestor(Path(args.json).parent).is_dir():
+        raise ValueError(f"--json {args.json}: {existing_ancestor(Path(args.json).parent)} is a file, so the table "
+                         f"cannot be written there")
+
     from scratchlm.arith import accuracy, addition_split, noisy_sft_data, task_config, task_model, train_sft
     from scratchlm.data import get_profile
     from scratchlm.grpo import METHODS, format_table, load_base, run_method, save_base
 
-    if args.lora is not None and args.lora <= 0:
-        raise ValueError(f"--lora {args.lora}: the LoRA rank must be a positive integer")
     profile = args.profile or get_profile()
     split = addition_split()
-    if args.base and (Path(args.base) / "model.safetensors").is_file():
+    if args.base and all((Path(args.base) / name).is_file() for name in BASE_FILES):
         base, cfg = load_base(args.base)
         print(f"base model loaded from {args.base}: held-out accuracy {accuracy(base, split['test']):.1%}")
     else:
@@ -232,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--profile", choices=("ci", "cpu", "gpu"),
                    help="run size; none given: SCRATCHLM_PROFILE, else gpu with CUDA and cpu without")
     a.add_argument("--seed", type=int, default=0, help="seed of the base model, its noisy data and each method")
-    a.add_argument("--base", metavar="DIR", help="load the base model from DIR; if DIR holds none, train one and save it there")
+    a.add_argument("--base", metavar="DIR", help="load the base model from DIR; if DIR is empty or new, train one and save it there")
     a.add_argument("--json", metavar="FILE", help="also write the table as a JSON list of objects")
     a.set_defaults(run=align)
     return parser
@@ -242,7 +356,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "device", None) is not None:
+            check_device(args.device)  # before any data is read or model built
         args.run(args)
+    except ModuleNotFoundError as err:
+        if (err.name or "").partition(".")[0] == "scratchlm":
+            raise
+        parser.exit(2, f"scratchlm {args.command}: error: {err} (in {sys.executable}); run scratchlm in the course's "
+                       f"virtualenv: `source .venv/bin/activate` first (`make lab` creates it), or "
+                       f"`.venv/bin/python -m scratchlm ...`\n")
     except (FileNotFoundError, FileExistsError, ValueError, TypeError) as err:
         parser.exit(2, f"scratchlm {args.command}: error: {err}\n")
     except KeyboardInterrupt:

@@ -4,8 +4,10 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from scratchlm.__main__ import main
 from scratchlm.deepseek import DeepseekV3
@@ -157,3 +159,163 @@ def test_deepseek_trains_and_samples_from_the_command_line(tmp_path):
     assert evals[-1]["step"] == 40 and evals[-1]["val"] < evals[0]["val"] - 0.5
     text = run_cli("sample", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "3").stdout
     assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 20 + 1
+
+
+def test_train_log_is_compact_and_says_each_loss_once(trained):
+    """The model is one short line (its whole config is in model_config.json), and the last estimates are
+    printed once, by the evaluation, not again in the closing line."""
+    out, result = trained
+    lines = result.stdout.splitlines()
+    model_line = next(line for line in lines if line.startswith("profile ci: gpt with"))
+    assert model_line.startswith("profile ci: gpt with 27,840 parameters (2 layers, 2 heads, width 32, context 32;")
+    assert len(model_line) - len(str(out)) < 140 and "{" not in result.stdout  # no config dict printed
+    final = json.loads((out / TRAIN_STATE).read_text())["history"]["eval"][-1]
+    assert result.stdout.count(f"val loss {final['val']:.4f}") == 1
+    assert sum(line.startswith("step 40:") for line in lines) == 1
+    assert any(line.startswith("trained to step 40 in ") and "val loss on the whole split" in line for line in lines)
+
+
+def fail_if_called(what):
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{what} ran: the bad argument should have been refused before it")
+
+    return fail
+
+
+def one_error_line(capsys, command):
+    err = capsys.readouterr().err
+    assert err.startswith(f"scratchlm {command}: error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.skipif(torch.version.cuda is not None or torch.version.hip is not None, reason="needs a CPU-only torch")
+def test_device_cuda_on_a_cpu_only_torch_is_one_line_before_any_data(tmp_path, capsys, monkeypatch):
+    """This torch has no CUDA: --device cuda used to end in a 30-line traceback (`Torch not compiled with CUDA
+    enabled`) after loading the data; now it is one line through the parser's error path, before the data."""
+    monkeypatch.setattr("scratchlm.train.shakespeare_char_data", fail_if_called("loading the data"))
+    monkeypatch.setattr("scratchlm.train.load_model", fail_if_called("loading the checkpoint"))
+    expected = (f"--device cuda: this PyTorch build has no CUDA (torch {torch.__version__}); drop --device to use "
+                f"the CPU, or install a CUDA build of PyTorch")
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--device", "cuda", "--profile", "ci", "--out", str(tmp_path / "run")])
+    assert exit_.value.code == 2 and one_error_line(capsys, "train") == f"scratchlm train: error: {expected}\n"
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--device", "cuda:1", "--profile", "ci", "--out", str(tmp_path / "run")])
+    assert exit_.value.code == 2 and "--device cuda:1: this PyTorch build has no CUDA" in one_error_line(capsys, "train")
+    with pytest.raises(SystemExit) as exit_:
+        main(["sample", str(tmp_path / "nowhere"), "--device", "cuda"])
+    assert exit_.value.code == 2 and one_error_line(capsys, "sample") == f"scratchlm sample: error: {expected}\n"
+    # as a newcomer runs it: exit status 2, the one line on stderr, no traceback
+    result = run_cli("train", "--device", "cuda", "--profile", "ci", "--out", str(tmp_path / "run"), check=False)
+    assert result.returncode == 2 and result.stderr == f"scratchlm train: error: {expected}\n" and not result.stdout
+
+
+def test_device_torch_cannot_parse_or_a_gpu_index_beyond_the_count_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("scratchlm.train.shakespeare_char_data", fail_if_called("loading the data"))
+    for device in ("gpu", "cuda:x", "CUDA"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["train", "--device", device, "--profile", "ci", "--out", str(tmp_path / "run")])
+        err = one_error_line(capsys, "train")
+        assert exit_.value.code == 2 and f"--device {device}: PyTorch does not know this device; use cpu, cuda" in err
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--device", "meta", "--profile", "ci", "--out", str(tmp_path / "run")])
+    assert exit_.value.code == 2 and "--device meta: scratchlm runs on cpu, cuda" in one_error_line(capsys, "train")
+    # a CUDA build that sees one GPU (imitated: this machine may have none): cuda:3 is beyond it, cuda:0 is fine
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--device", "cuda:3", "--profile", "ci", "--out", str(tmp_path / "run")])
+    err = one_error_line(capsys, "train")
+    assert exit_.value.code == 2 and "--device cuda:3: this machine has 1 visible CUDA device (cuda:0 to cuda:0)" in err
+    with pytest.raises(AssertionError, match="loading the data ran"):  # accepted: training starts
+        main(["train", "--device", "cuda:0", "--profile", "ci", "--out", str(tmp_path / "run")])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CUDA build without a driver or GPU
+    with pytest.raises(SystemExit):
+        main(["sample", str(tmp_path / "nowhere"), "--device", "cuda"])
+    assert "is built for CUDA but sees no GPU" in one_error_line(capsys, "sample")
+
+
+def test_out_that_is_a_file_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("scratchlm.train.shakespeare_char_data", fail_if_called("loading the data"))
+    (tmp_path / "f").write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--profile", "ci", "--out", str(tmp_path / "f")])
+    assert exit_.value.code == 2 and one_error_line(capsys, "train") == (
+        f"scratchlm train: error: --out {tmp_path / 'f'} is a file; --out wants a folder: training writes its "
+        f"checkpoints there\n")
+    with pytest.raises(SystemExit):
+        main(["train", "--profile", "ci", "--out", str(tmp_path / "f" / "run")])
+    assert f"{tmp_path / 'f'} is a file, so the folder cannot be made there" in one_error_line(capsys, "train")
+
+
+class TrainingStarted(Exception):
+    pass
+
+
+def test_align_base_that_is_not_a_base_model_folder_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    """--base FILE used to train the base model for a minute, then fail with `[Errno 17] File exists`; a folder
+    holding other files got the base model's files mixed in. Both are refused before training now."""
+    monkeypatch.setattr("scratchlm.arith.train_sft", fail_if_called("training the base model"))
+    monkeypatch.setattr("scratchlm.grpo.load_base", fail_if_called("loading a base model"))
+    monkeypatch.setattr("scratchlm.grpo.run_method", fail_if_called("an alignment method"))
+    file = tmp_path / "f"
+    file.write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        main(["align", "--base", str(file), "--profile", "ci"])
+    assert exit_.value.code == 2 and one_error_line(capsys, "align") == (
+        f"scratchlm align: error: --base {file} is a file; --base wants a folder: the base model is loaded from it, "
+        f"or trained and saved there if it holds none\n")
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["align", "--base", str(file / "base"), "--profile", "ci"])
+    assert exit_.value.code == 2 and f"{file} is a file, so the folder cannot be made" in one_error_line(capsys, "align")
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exit_:
+        main(["align", "--base", str(other), "--profile", "ci"])
+    err = one_error_line(capsys, "align")
+    assert exit_.value.code == 2 and f"--base {other} holds notes.txt, not a base model" in err
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+
+    checkpoint = tmp_path / "checkpoint"  # what `scratchlm train` writes (weights under the same name)
+    checkpoint.mkdir()
+    for name in (WEIGHTS, MODEL_CONFIG, TOKENIZER):
+        (checkpoint / name).write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        main(["align", "--base", str(checkpoint), "--profile", "ci"])
+    assert exit_.value.code == 2 and "holds a `scratchlm train` checkpoint, not a chapter 06 base model" in (
+        one_error_line(capsys, "align"))
+
+    # unchanged: an empty or a new folder means "train the base model and save it there"
+    def started(*args, **kwargs):
+        raise TrainingStarted
+
+    monkeypatch.setattr("scratchlm.arith.train_sft", started)
+    (tmp_path / "empty").mkdir()
+    for base in (tmp_path / "empty", tmp_path / "new" / "base"):
+        with pytest.raises(TrainingStarted):
+            main(["align", "--base", str(base), "--profile", "ci"])
+
+
+def test_outside_the_virtualenv_the_error_says_to_activate_it(capsys, monkeypatch):
+    """A Python without torch (not the course's .venv) gets one line naming the fix, not a traceback."""
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails as it does without torch
+    with pytest.raises(SystemExit) as exit_:
+        main(["sample", "runs/shakespeare-char"])
+    err = one_error_line(capsys, "sample")
+    assert exit_.value.code == 2 and "source .venv/bin/activate" in err and ".venv/bin/python -m scratchlm" in err
+
+
+def test_readme_and_help_say_to_activate_the_virtualenv(capsys):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Command line\n", 1)[1].split("\n## ", 1)[0]
+    first_block = section.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+    assert first_block[0].startswith("source .venv/bin/activate")
+    assert all(line.startswith("python -m scratchlm ") for line in first_block[1:])
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "source .venv/bin/activate" in capsys.readouterr().out
