@@ -15,7 +15,7 @@ help:
 	@echo "make lab      set up .venv and open JupyterLab on the course (JUPYTER_ARGS=\"--allow-root\" as root)"
 	@echo "make test     set up .venv, then lint, export check, unit tests and every notebook under nbval"
 	@echo "make export   rewrite scratchlm/ from the notebooks (after you edit one)"
-	@echo "make execute NB=notebooks/01_tokenizer/01_characters_and_bigram.ipynb   run one notebook in place"
+	@echo "make execute NB=notebooks/01_tokenizer/01_characters_and_bigram.ipynb   run one notebook in place (one torch thread)"
 	@echo "make bench    print the benchmark tables (one torch thread; about 15 minutes)"
 	@echo "make site     the course as a website in site/ from the executed notebooks (needs npm); open site/index.html"
 	@echo "make student  write student/: the notebooks with every exercise's solution replaced by an empty cell"
@@ -49,9 +49,16 @@ export: $(VENV)/.dev
 check-export: $(VENV)/.dev
 	$(BIN)/python tools/export.py --check
 
+# The notebooks are executed on the author's CPU with its own kernels (make execute); make test runs them
+# with PyTorch held to other ones, its plainest (ATEN_CPU_CAPABILITY=default), so that an output whose last
+# digits depend on the CPU fails here and not only on someone else's machine. ATEN_CPU_CAPABILITY=avx2 make test
+# picks another; make test CPU_CAPABILITY=native leaves PyTorch its own choice.
+CPU_CAPABILITY ?= $(or $(ATEN_CPU_CAPABILITY),default)
+CAPABILITY_ENV := $(if $(filter native,$(CPU_CAPABILITY)),env -u ATEN_CPU_CAPABILITY,env ATEN_CPU_CAPABILITY=$(CPU_CAPABILITY))
+
 # unit tests and strict nbval on every notebook in one pytest run; loadfile keeps a notebook on one worker
 unit-and-notebooks: $(VENV)/.dev
-	SCRATCHLM_PROFILE=$(TEST_PROFILE) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(JOBS) --dist loadfile \
+	$(CAPABILITY_ENV) SCRATCHLM_PROFILE=$(TEST_PROFILE) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(JOBS) --dist loadfile \
 	    --nbval --nbval-current-env --nbval-sanitize-with tools/nbval_sanitize.cfg tests notebooks
 
 test: lint check-export unit-and-notebooks
@@ -59,7 +66,8 @@ test: lint check-export unit-and-notebooks
 execute: $(VENV)/.dev
 	@test -n "$(NB)" || (echo "say which notebook: make execute NB=notebooks/.../NN_name.ipynb"; exit 2)
 	SCRATCHLM_PROFILE=$(or $(PROFILE),$(shell $(BIN)/python -c "import torch;print('gpu' if torch.cuda.is_available() else 'cpu')")) \
-	    $(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=-1 $(NB)
+	    OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=-1 $(NB)
+	$(BIN)/python tools/finish_bars.py $(NB)
 
 bench: $(VENV)/.dev
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/run.py

@@ -67,6 +67,20 @@ def test_make_test_runs_notebooks_at_the_ci_profile():
     assert "SCRATCHLM_PROFILE=ci " in result.stdout, result.stdout
 
 
+@pytest.mark.parametrize("given, expected", [({}, "env ATEN_CPU_CAPABILITY=default "),
+                                             ({"ATEN_CPU_CAPABILITY": "avx2"}, "env ATEN_CPU_CAPABILITY=avx2 "),
+                                             ({"CPU_CAPABILITY": "native"}, "env -u ATEN_CPU_CAPABILITY ")])
+def test_make_test_runs_the_notebooks_on_other_cpu_kernels_than_they_were_executed_with(given, expected):
+    """The committed outputs come from the author's CPU; make test holds PyTorch to its plainest kernels unless told
+    otherwise, so that a printed digit that depends on the CPU fails here first (issue: CI red on an AVX-512 CPU)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "CPU_CAPABILITY")}
+    env.update({k: v for k, v in given.items() if k == "ATEN_CPU_CAPABILITY"})
+    args = [f"{k}={v}" for k, v in given.items() if k == "CPU_CAPABILITY"]
+    result = subprocess.run(["make", "-n", "unit-and-notebooks", "VENV=/nonexistent", *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert expected + "SCRATCHLM_PROFILE=ci " in result.stdout, result.stdout
+
+
 @pytest.fixture
 def fake_python(tmp_path):
     """A `python` whose `import torch` fails until a pip install succeeds; pip fails on the index in FAIL_INDEX."""
