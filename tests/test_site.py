@@ -272,7 +272,7 @@ def test_notebook_page(page, base_url, checked_links, screenshots, index):
         save_screenshots(page, screenshots / path.parent.name, solutions)
     summaries = page.eval_on_selector_all("details.site-solution > summary", "s => s.map(e => e.textContent)")
     assert all(re.fullmatch(r"Solution to exercises? \d+((, | and )\d+)*", text) for text in summaries), (
-        f"{summaries}: a solution cell names its exercise in its first lines ('# Exercise 2: ...')")
+        f"{summaries}: a solution cell names its exercise in its first line ('# Solution to exercise 2')")
     # widgets need a kernel: each says so in a line of text (its saved repr or raw JSON would mean nothing)
     shown = page.locator(".site-widget").count()
     assert shown == widgets(path), f"{shown} widget notes on the page, {widgets(path)} widgets in the notebook"

@@ -4,8 +4,8 @@
     python tools/student.py --out DIR        # somewhere else
     python tools/student.py --nbgrader DIR   # also an nbgrader course folder: DIR/source/<chapter>/<notebook>
 
-A solution is a cell whose first lines start with "# Exercise N" (code) or "Exercise N" (markdown), as
-tests/test_notebooks.py finds them. In the student copy it becomes an empty cell saying which exercise it
+A solution is a cell whose first line names it, "# Solution to exercise N" (code) or "**Solution to exercise N**"
+(markdown), as tests/test_notebooks.py finds them. In the student copy it becomes an empty cell saying which exercise it
 answers, with no output; the exercise's prompt stays in the summary's markdown, and every other cell is
 as committed, outputs included. Two phrases that would be false in the copy are reworded: the heading
 "### Solutions" and "(solutions below, collapsed ...)" in the exercise list.
@@ -27,8 +27,8 @@ from pathlib import Path
 import nbformat
 
 ROOT = Path(__file__).resolve().parent.parent
-# "# Exercise 3: ...", "Exercise 5: ...", "# Exercise 1 and 2 (...)"
-EXERCISE = re.compile(r"^#?\s*Exercises?\s+(\d+[a-z]?(?:(?:,\s*|\s+and\s+)\d+[a-z]?)*)")
+# a solution's first line: "# Solution to exercise 3", "**Solution to exercise 5**", "# Solution to exercises 1 and 2"
+EXERCISE = re.compile(r"^(?:#\s*|\*\*)?Solution to exercises?\s+(\d+[a-z]?(?:(?:,\s*|\s+and\s+)\d+[a-z]?)*)")
 SOLUTIONS_HEADING = "### Solutions"
 SOLUTIONS_BELOW = re.compile(r"\(solutions below, collapsed[^)]*\)")
 
@@ -41,12 +41,12 @@ def exercise_of(cell) -> str | None:
     """The exercise a solution cell answers ("3"), or None for any other cell."""
     if cell.cell_type not in ("code", "markdown"):
         return None
-    first_lines = cell.source.splitlines()[:3]
-    if not any(line.startswith(("# Exercise", "Exercise")) for line in first_lines):  # tests/test_notebooks.py's rule
+    first_line = cell.source.split("\n", 1)[0]
+    if not first_line.startswith(("# Solution to exercise", "**Solution to exercise")):  # tests/test_notebooks.py's rule
         return None
-    match = next((m for line in first_lines if (m := EXERCISE.match(line))), None)
+    match = EXERCISE.match(first_line)
     if match is None:
-        raise ValueError(f"a solution cell without an exercise number: {first_lines!r}")
+        raise ValueError(f"a solution cell without an exercise number: {first_line!r}")
     return match.group(1)
 
 

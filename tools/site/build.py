@@ -29,7 +29,8 @@ MATHJAX = HERE / "node_modules" / "mathjax" / "es5"
 MATHJAX_SCRIPT = "tex-svg-full.js"  # SVG output: no web fonts to fetch
 STATIC = "_static"
 PROGRESS_BAR = re.compile(r"\d+%\|")  # tqdm's "  0%|          | 0/2000"
-EXERCISE = re.compile(r"^[#\s]*Exercises?\s+(\d+(?:(?:, | and )\d+)*)")  # "# Exercise 1 and 2 (the numbers ..."
+# a solution's first line: "# Solution to exercise 3", "**Solution to exercise 5**", "# Solution to exercises 1 and 2"
+EXERCISE = re.compile(r"^(?:#\s*|\*\*)?Solution to exercises?\s+(\d+(?:(?:, | and )\d+)*)")
 WIDGET_REPR = re.compile(r"^\w+\(")  # "interactive(children=(...", "HBox(children=(...", "IntProgress(value=0"
 # a chapter's folder is "NN_name"; the names read better spelled out
 CHAPTER_NAMES = {"tokenizer": "Tokenizers", "attention": "Attention", "gpt": "GPT-2", "llama": "The Llama family",
@@ -73,10 +74,9 @@ def discover(notebooks: Path) -> list[Page]:
 
 
 def solution_label(cell) -> str:
-    """'# Exercise 2: the larger base ...' -> 'Solution to exercise 2' (the rest of the line gives the answer away);
-    '# Exercise 1 and 2 (...)' -> 'Solution to exercises 1 and 2'. Looks at the first three lines, after any
-    '# NBVAL_IGNORE_OUTPUT'."""
-    for line in cell.source.splitlines()[:3]:
+    """'# Solution to exercise 2' -> 'Solution to exercise 2'; '# Solution to exercises 1 and 2' -> 'Solution to
+    exercises 1 and 2'. A solution's first line names it and gives nothing away (the answer starts below it)."""
+    for line in cell.source.splitlines()[:1]:
         match = EXERCISE.match(line)
         if match:
             numbers = match.group(1)
