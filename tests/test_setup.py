@@ -73,7 +73,9 @@ def test_make_test_runs_notebooks_at_the_ci_profile():
 def test_make_test_runs_the_notebooks_on_other_cpu_kernels_than_they_were_executed_with(given, expected):
     """The committed outputs come from the author's CPU; make test holds PyTorch to its plainest kernels unless told
     otherwise, so that a printed digit that depends on the CPU fails here first (issue: CI red on an AVX-512 CPU)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "CPU_CAPABILITY")}
+    # MAKEFLAGS too: `make test CPU_CAPABILITY=native` passes its variables down to every make run beneath it
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("ATEN_CPU_CAPABILITY", "CPU_CAPABILITY", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     env.update({k: v for k, v in given.items() if k == "ATEN_CPU_CAPABILITY"})
     args = [f"{k}={v}" for k, v in given.items() if k == "CPU_CAPABILITY"]
     result = subprocess.run(["make", "-n", "unit-and-notebooks", "VENV=/nonexistent", *args], cwd=ROOT,
