@@ -6,9 +6,9 @@ __all__ = ['GGUF_MAGIC', 'GGUF_VERSIONS', 'DEFAULT_ALIGNMENT', 'VALUE_TYPES', 'Q
            'SMOLLM2_PACKAGE', 'SMOLLM2_VERSION', 'SMOLLM2_FILE', 'SMOLLM2_HUB', 'GGUFError', 'GGMLType', 'TensorInfo',
            'GGUFFile', 'read_gguf', 'dequantize_q8_0', 'dequantize_q4_0', 'dequantize_q4_1', 'dequantize_q5_0',
            'dequantize_q5_1', 'k_scales_mins', 'dequantize_q4_k', 'dequantize_q5_k', 'dequantize_q6_k', 'dequantize',
-           'quantize', 'llama_name', 'llama_config_from_gguf', 'unpermute_qk', 'llama_state_from_gguf', 'from_gguf',
-           'tokenizer_from_metadata', 'tokenizer_from_gguf', 'default_system_prompt', 'chatml', 'stream_reply',
-           'smollm2_path']
+           'quantize', 'llama_name', 'llama_config_from_gguf', 'unpermute_qk', 'llama_state_from_gguf', 'decode_layout',
+           'from_gguf', 'tokenizer_from_metadata', 'tokenizer_from_gguf', 'default_system_prompt', 'chatml',
+           'stream_reply', 'smollm2_path']
 
 # %% ../notebooks/04_llama/07_a_real_model.ipynb #gguf-002
 import importlib.util
@@ -506,10 +506,24 @@ def llama_state_from_gguf(file: GGUFFile, config: LlamaConfig) -> dict[str, torc
     return state
 
 
+def decode_layout(model: nn.Module) -> nn.Module:
+    """Store every Linear weight column by column: the same values, with `weight.T` contiguous (section 5).
+
+    Decoding one token multiplies one vector by every matrix, `x @ W.T`, and this layout streams W.T in
+    memory order. A weight so stored is not contiguous: `.contiguous()` it before saving with safetensors.
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and module.weight.is_contiguous():  # a tied weight comes by once
+                module.weight.data = module.weight.data.t().contiguous().t()
+    return model
+
+
 def from_gguf(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
     """A llama.cpp GGUF file (general.architecture "llama") as chapter 04's Llama, dequantized, in eval mode.
 
-    dtype: the parameters' dtype, float32 when None. Works with scratchlm.generate.
+    dtype: the parameters' dtype, float32 when None. Works with scratchlm.generate. The Linear weights are
+    stored column by column for fast decoding (`decode_layout`).
     """
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating-point torch.dtype such as torch.bfloat16, got {dtype!r}")
@@ -524,7 +538,7 @@ def from_gguf(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
     state = llama_state_from_gguf(file, config)
     model = Llama(config)
     load_checked(model, state, source=str(file.path))
-    return model.to(dtype=dtype or torch.float32).eval()
+    return decode_layout(model).to(dtype=dtype or torch.float32).eval()
 
 # %% ../notebooks/04_llama/07_a_real_model.ipynb #gguf-038
 # llama.cpp's pre-tokenizer names (tokenizer.ggml.pre) -> our Split steps, for the byte-level ("gpt2") model

@@ -117,8 +117,11 @@ class GroupedQueryAttention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scale, dropout_p=dropout_p,
                                                   enable_gqa=True)
         # the g query heads of a group as g*T rows of one head, so each cached key/value head is read once
-        mask = sliding_window_causal_mask(T, S, self.sliding_window, q.device)  # (T, S)
-        row_mask = None if bool(mask.all()) else mask.repeat(self.n_rep, 1)  # (g*T, S): row j*T + t is query t
+        if T == 1 and self.sliding_window is None:  # decoding one token: it sees every cached position, no mask
+            row_mask = None
+        else:
+            mask = sliding_window_causal_mask(T, S, self.sliding_window, q.device)  # (T, S)
+            row_mask = None if bool(mask.all()) else mask.repeat(self.n_rep, 1)  # (g*T, S): row j*T + t is query t
         rows = q.reshape(B, self.n_kv_heads, self.n_rep * T, hd)  # (B, nkv, g*T, hd)
         y = F.scaled_dot_product_attention(rows, k, v, attn_mask=row_mask, scale=self.scale, dropout_p=dropout_p)
         return y.view(B, self.n_heads, T, hd)
