@@ -195,7 +195,9 @@ def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
     if dtype == "auto":
         if device.type != "cuda":
             return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # native bfloat16 only (compute capability 8.0 and later): with its default including_emulation=True,
+        # is_bf16_supported() also says yes on a T4 or a V100, which emulate bfloat16 slowly
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return DTYPES[dtype]
 
 

@@ -349,6 +349,30 @@ def test_bad_configs_are_refused():
 # ---------------------------------------------------------------- float16 with a GradScaler, torch.compile timing
 
 
+def simulated_gpu(monkeypatch, major: int, minor: int) -> None:
+    """PyTorch's own torch.cuda.is_bf16_supported, on a simulated GPU of compute capability major.minor whose
+    bfloat16 test tensor can be created (emulated on 7.x, as on a real T4 or V100)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(major=major, minor=minor))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 0), torch.float16), ((7, 5), torch.float16),
+                                                  ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)],
+                         ids=["V100", "T4", "A100", "H100"])
+def test_auto_precision_asks_for_native_bfloat16(monkeypatch, capability, expected):
+    import scratchlm.train as train
+
+    simulated_gpu(monkeypatch, *capability)
+    assert torch.cuda.is_bf16_supported()  # the default question says yes even on 7.x (emulation)
+    assert torch.cuda.is_bf16_supported(including_emulation=False) == (capability >= (8, 0))
+    assert train.autocast_dtype("auto", torch.device("cuda")) == expected
+
+
 def test_auto_precision_picks_float16_on_gpus_without_bfloat16(monkeypatch):
     import scratchlm.train as train
 
