@@ -1,5 +1,5 @@
 """scratchlm.mla: multi-head latent attention against transformers' DeepseekV3Attention, weight absorption against the
-plain path, the latent cache, and the sizes that are refused.
+plain path, the latent cache, the cache of expanded keys and values (ExpandedCacheMLA), and the sizes that are refused.
 
 References: transformers' DeepseekV3Attention (sdpa, causal) with random weights and noisy latent norms, its
 DeepseekV3RotaryEmbedding for the reference's RoPE tables, and DeepseekV3ForCausalLM's cache; no downloads.
@@ -15,6 +15,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 
 from scratchlm.generation import KVCache
 from scratchlm.mla import (
+    ExpandedCacheMLA,
     MultiHeadLatentAttention,
     check_mla_sizes,
     mla_cache_elements_per_token,
@@ -75,6 +76,25 @@ def test_decoding_with_the_latent_cache_matches_the_whole_sequence(q_lora_rank, 
     latent, k_rope = cache[0]
     assert latent.shape == (2, 1, 20, 16) and k_rope.shape == (2, 1, 20, 8)
     assert cache.nbytes == 2 * 20 * mla_cache_elements_per_token(1, 16, 8) * 4
+
+
+@pytest.mark.parametrize("q_lora_rank,rope_interleave,rope_parameters", CASES[:6])
+def test_expanded_cache_decoding_matches_the_reference(q_lora_rank, rope_interleave, rope_parameters):
+    reference, hf_rotary, ours, rotary = pair(q_lora_rank, rope_interleave, rope_parameters)
+    cached = ExpandedCacheMLA(64, 4, 16, 16, 8, 12, q_lora_rank, rope_interleave=rope_interleave,
+                              scale=mla_softmax_scale(24, rope_parameters))
+    cached.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 20, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = reference(x, hf_rotary(x, torch.arange(20)[None]), None)[0]
+        assert (cached(x, *rotary(20)) - expected).abs().max().item() < 1e-5  # no cache: the whole sequence
+        cache = KVCache()
+        prefix = cached(x[:, :7], *rotary(7), cache=cache)
+        steps = [cached(x[:, t : t + 1], *rotary(1, offset=t), cache=cache) for t in range(7, 20)]
+    assert (torch.cat([prefix, *steps], dim=1) - expected).abs().max().item() < 1e-5
+    keys, values = cache[0]
+    assert keys.shape == (2, 4, 20, 16 + 8) and values.shape == (2, 4, 20, 12)
+    assert cache.nbytes == 2 * 20 * 4 * (16 + 8 + 12) * 4  # every head's key and value, float32
 
 
 def test_attention_bias_matches():
