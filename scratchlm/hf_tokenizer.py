@@ -368,7 +368,51 @@ def normalize(text: str, steps: tuple[str, ...]) -> str:
             text = unicodedata.normalize(step, text)
     return text
 
-# %% ../notebooks/04_llama/06_hf_tokenizers.ipynb #b87604cd
+# %% ../notebooks/04_llama/06_hf_tokenizers.ipynb #1e94026b
+def load_hf_tokenizer(path) -> HFTokenizer:
+    """A byte-level BPE tokenizer.json (GPT-2, Llama 3, Qwen2, Qwen3, ...) as an HFTokenizer.
+
+    path: a tokenizer.json file, a folder holding one, or a Hugging Face Hub model name (downloaded).
+    `tok.encode(text, allowed_special="all")` gives the ids of
+    `tokenizers.Tokenizer.from_file(path).encode(text, add_special_tokens=False).ids`.
+    Features that change those ids and are not implemented raise ValueError naming them.
+    """
+    file = _tokenizer_file(path)
+    try:
+        spec = json.loads(file.read_text(encoding="utf-8"))
+        model = spec["model"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{file} is not a readable tokenizer.json ({type(err).__name__}: {err}); it may be "
+                         f"truncated or corrupted: download or save it again") from err
+    try:
+        _check_bpe_options(model)
+        normalizer = _normalizer_steps(spec.get("normalizer"))
+        pre_tokenizer = _pre_tokenizer_steps(spec.get("pre_tokenizer"))
+        vocab, merges = model["vocab"], {}
+        special_tokens, normalized_tokens = _added_tokens(spec.get("added_tokens"), vocab)
+        for rank, line in enumerate(model["merges"]):
+            parts = line.split(" ") if isinstance(line, str) else line
+            if not (isinstance(parts, list) and len(parts) == 2 and all(isinstance(p, str) for p in parts)):
+                raise ValueError(f"merge {rank} is {line!r}: expected 'left right' or ['left', 'right']")
+            left, right = parts
+            if missing := [t for t in (left, right, left + right) if t not in vocab]:
+                raise ValueError(f"merge {rank} ({left!r}, {right!r}) needs {missing[0]!r}, which is not in the vocabulary")
+            pair = (vocab[left], vocab[right])
+            merges.pop(pair, None)  # a pair listed twice keeps its later rank, as in tokenizers
+            merges[pair] = vocab[left + right]
+        tok = HFTokenizer(vocab, merges, pre_tokenizer, special_tokens, normalizer, model.get("ignore_merges", False),
+                          model.get("unk_token"), model.get("fuse_unk", False), normalized_tokens)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{file} is not a well-formed tokenizer.json ({type(err).__name__}: {err})") from err
+    except ValueError as err:
+        raise ValueError(f"{file}: {err}") from err
+    for option in ("truncation", "padding"):
+        if spec.get(option):
+            warnings.warn(f"{file} sets {option}, which tokenizers applies when encoding; HFTokenizer ignores it "
+                          f"(its ids are those of the whole text)", stacklevel=2)
+    return tok
+
+# %% ../notebooks/04_llama/06_hf_tokenizers.ipynb #cef962fc
 def _normalizer_steps(spec) -> tuple[str, ...]:
     """tokenizer.json's "normalizer" as steps for `normalize`."""
     if spec is None:
@@ -412,23 +456,7 @@ def _pre_tokenizer_steps(spec) -> list:
         steps.append(Split(BYTE_LEVEL_PATTERN))
     return steps
 
-
-def _check_bpe_options(model: dict) -> None:
-    if model.get("type") != "BPE":
-        raise ValueError(f"the model is {model.get('type')!r}: only byte-level BPE is implemented here (not "
-                         f"WordPiece, Unigram or WordLevel); use the tokenizers library for this tokenizer")
-    refused = {
-        "byte_fallback": "SentencePiece-style <0x..> byte tokens (Llama 2, Mistral), not byte-level BPE",
-        "dropout": "random merge dropout, a training-time option",
-        "continuing_subword_prefix": "a prefix on word-inner tokens, not byte-level BPE",
-        "end_of_word_suffix": "a suffix on word-final tokens, not byte-level BPE",
-    }
-    for key, why in refused.items():
-        if model.get(key):  # null, false, 0 and "" all mean off
-            raise ValueError(f"the BPE model sets {key}={model[key]!r} ({why}), which is not implemented here; "
-                             f"use the tokenizers library for this tokenizer")
-
-
+# %% ../notebooks/04_llama/06_hf_tokenizers.ipynb #c7ba5bd1
 def _added_tokens(entries, vocab: dict[str, int]) -> tuple[dict[str, int], set[str]]:
     """tokenizer.json's "added_tokens" as text -> id, with the ids tokenizers gives them on loading,
     and the set of those it looks for after normalization.
@@ -460,6 +488,22 @@ def _added_tokens(entries, vocab: dict[str, int]) -> tuple[dict[str, int], set[s
         else:
             normalized.discard(content)
     return special, normalized
+
+# %% ../notebooks/04_llama/06_hf_tokenizers.ipynb #5ed48bbe
+def _check_bpe_options(model: dict) -> None:
+    if model.get("type") != "BPE":
+        raise ValueError(f"the model is {model.get('type')!r}: only byte-level BPE is implemented here (not "
+                         f"WordPiece, Unigram or WordLevel); use the tokenizers library for this tokenizer")
+    refused = {
+        "byte_fallback": "SentencePiece-style <0x..> byte tokens (Llama 2, Mistral), not byte-level BPE",
+        "dropout": "random merge dropout, a training-time option",
+        "continuing_subword_prefix": "a prefix on word-inner tokens, not byte-level BPE",
+        "end_of_word_suffix": "a suffix on word-final tokens, not byte-level BPE",
+    }
+    for key, why in refused.items():
+        if model.get(key):  # null, false, 0 and "" all mean off
+            raise ValueError(f"the BPE model sets {key}={model[key]!r} ({why}), which is not implemented here; "
+                             f"use the tokenizers library for this tokenizer")
 
 
 def _tokenizer_file(path) -> Path:
@@ -510,47 +554,3 @@ def _tokenizer_file(path) -> Path:
     if not (folder / "tokenizer.json").is_file():
         raise FileNotFoundError(f"the Hub model {name!r} has no tokenizer.json")
     return folder / "tokenizer.json"
-
-
-def load_hf_tokenizer(path) -> HFTokenizer:
-    """A byte-level BPE tokenizer.json (GPT-2, Llama 3, Qwen2, Qwen3, ...) as an HFTokenizer.
-
-    path: a tokenizer.json file, a folder holding one, or a Hugging Face Hub model name (downloaded).
-    `tok.encode(text, allowed_special="all")` gives the ids of
-    `tokenizers.Tokenizer.from_file(path).encode(text, add_special_tokens=False).ids`.
-    Features that change those ids and are not implemented raise ValueError naming them.
-    """
-    file = _tokenizer_file(path)
-    try:
-        spec = json.loads(file.read_text(encoding="utf-8"))
-        model = spec["model"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{file} is not a readable tokenizer.json ({type(err).__name__}: {err}); it may be "
-                         f"truncated or corrupted: download or save it again") from err
-    try:
-        _check_bpe_options(model)
-        normalizer = _normalizer_steps(spec.get("normalizer"))
-        pre_tokenizer = _pre_tokenizer_steps(spec.get("pre_tokenizer"))
-        vocab, merges = model["vocab"], {}
-        special_tokens, normalized_tokens = _added_tokens(spec.get("added_tokens"), vocab)
-        for rank, line in enumerate(model["merges"]):
-            parts = line.split(" ") if isinstance(line, str) else line
-            if not (isinstance(parts, list) and len(parts) == 2 and all(isinstance(p, str) for p in parts)):
-                raise ValueError(f"merge {rank} is {line!r}: expected 'left right' or ['left', 'right']")
-            left, right = parts
-            if missing := [t for t in (left, right, left + right) if t not in vocab]:
-                raise ValueError(f"merge {rank} ({left!r}, {right!r}) needs {missing[0]!r}, which is not in the vocabulary")
-            pair = (vocab[left], vocab[right])
-            merges.pop(pair, None)  # a pair listed twice keeps its later rank, as in tokenizers
-            merges[pair] = vocab[left + right]
-        tok = HFTokenizer(vocab, merges, pre_tokenizer, special_tokens, normalizer, model.get("ignore_merges", False),
-                          model.get("unk_token"), model.get("fuse_unk", False), normalized_tokens)
-    except (KeyError, TypeError, AttributeError) as err:
-        raise ValueError(f"{file} is not a well-formed tokenizer.json ({type(err).__name__}: {err})") from err
-    except ValueError as err:
-        raise ValueError(f"{file}: {err}") from err
-    for option in ("truncation", "padding"):
-        if spec.get(option):
-            warnings.warn(f"{file} sets {option}, which tokenizers applies when encoding; HFTokenizer ignores it "
-                          f"(its ids are those of the whole text)", stacklevel=2)
-    return tok
