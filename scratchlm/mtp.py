@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 
 from .generation import KVCache, _as_batch, _check_count
-from .gpt import check_input_ids
 from .layers import RMSNorm
 from .train import next_token_loss
 
