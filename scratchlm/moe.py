@@ -120,11 +120,14 @@ def dispatch_grouped(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tens
 
 
 def grouped_mm_usable(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> bool:
-    """Whether this PyTorch can run dispatch_grouped on these tensors: F.grouped_mm exists, and on CPU the
-    rows are 16-byte aligned, on CUDA all are bfloat16 on a GPU of compute capability 8.0 or newer."""
+    """Whether this PyTorch can run dispatch_grouped on these tensors: F.grouped_mm exists, and on CPU they are
+    float32, bfloat16 or float16 with 16-byte aligned rows, on CUDA all bfloat16 on a GPU of compute capability
+    8.0 or newer."""
     if not hasattr(F, "grouped_mm") or x.dtype != gate_up_proj.dtype or x.dtype != down_proj.dtype:
         return False
     if x.device.type == "cpu":
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):  # grouped_mm takes no float64
+            return False
         row_bytes = 16 // x.element_size()
         return x.size(1) % row_bytes == 0 and down_proj.size(2) % row_bytes == 0
     if x.device.type == "cuda":

@@ -321,3 +321,11 @@ def test_released_style_config_with_num_experts_loads(checkpoints, tmp_path):
     ids = random_ids(SIZES["vocab_size"], (1, 12))
     with torch.no_grad():
         assert (from_hf(out)(ids) - hf_model(ids).logits).abs().max().item() < 1e-5
+
+
+def test_grouped_mm_is_not_used_for_float64_on_cpu():
+    """F.grouped_mm takes float32, bfloat16 and float16 only: float64 falls back to the sorted dispatch."""
+    x = torch.randn(6, 16, dtype=torch.float64)
+    gate_up, down = torch.randn(4, 32, 16, dtype=torch.float64), torch.randn(4, 16, 16, dtype=torch.float64)
+    assert not grouped_mm_usable(x, gate_up, down)
+    assert grouped_mm_usable(x.float(), gate_up.float(), down.float()) == hasattr(torch.nn.functional, "grouped_mm")
