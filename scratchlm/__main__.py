@@ -297,9 +297,7 @@ def align(args: argparse.Namespace) -> None:
 
 
 def check_chat_args(args: argparse.Namespace) -> None:
-    """Refuse chat's options that cannot work (ValueError, one line), before the model is loaded."""
-    from scratchlm.generation import check_sampling_args
-
+    """Refuse chat's options that cannot work (ValueError, one line, naming the option), before the model is loaded."""
     if args.temperature < 0 or args.temperature != args.temperature:
         raise ValueError(f"--temperature {args.temperature}: must be >= 0 (0 is greedy: always the most likely token)")
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -314,7 +312,6 @@ def check_chat_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--gguf {args.gguf} is a folder; --gguf wants a .gguf file")
         if not path.is_file():
             raise FileNotFoundError(f"--gguf {args.gguf}: no such file; drop --gguf to use SmolLM2-135M-Instruct")
-    check_sampling_args(args.temperature, None, args.top_p)
 
 
 def fit_conversation(tokenizer, messages: list[dict], system: str | None, context: int,
@@ -361,7 +358,7 @@ def chat(args: argparse.Namespace) -> None:
     if interactive:
         print(f"loading {path.name} ...", file=sys.stderr, flush=True)
     model = from_gguf(path)  # the weights, dequantized: a second or two
-    context = model.config.block_size
+    context = model.config.block_size  # the model's own limit (the header's, checked above before loading)
     if IM_START not in metadata.get("tokenizer.chat_template", IM_START):
         print(f"warning: {path.name}'s chat template is not ChatML, the format this command writes; expect poor "
               f"answers", file=sys.stderr)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .generation import KVCache, check_sampling_args, sample_next
+from .generation import _new_cache, check_sampling_args, sample_next
 from .gpt import load_checked
 from .hf_tokenizer import BYTE_LEVEL_PATTERN, HFTokenizer, Split
 from .llama import Llama, LlamaConfig
@@ -57,6 +57,12 @@ class _Cursor:
                             f"(reading {size} bytes at {self.pos:,}); download it again")
         value = struct.unpack_from(fmt, self.buffer, self.pos)[0]
         self.pos += size
+        return value
+
+    def peek(self, fmt: str):
+        """The next value, without moving past it."""
+        value = self.unpack(fmt)
+        self.pos -= struct.calcsize(fmt)
         return value
 
     def string(self) -> str:
@@ -170,11 +176,9 @@ class GGUFFile:
         self.metadata_types = {}  # key -> type name ("UINT32", "ARRAY[STRING]", ...): what the table prints
         for _ in range(n_kv):
             key, type_id = r.string(), r.unpack("<I")
-            item = r.unpack("<I") if type_id == 9 else None
-            if item is not None:
-                if item not in VALUE_TYPES:
-                    raise GGUFError(f"{self.path}: the array {key!r} has items of unknown type {item}")
-                r.pos -= 4  # the array's item type is read again by value()
+            item = r.peek("<I") if type_id == 9 else None  # an array's item type, which value() reads
+            if item is not None and item not in VALUE_TYPES:
+                raise GGUFError(f"{self.path}: the array {key!r} has items of unknown type {item}")
             self.metadata[key] = r.value(type_id)
             self.metadata_types[key] = VALUE_TYPES[type_id][0] + (f"[{VALUE_TYPES[item][0]}]" if item is not None else "")
         self.tensor_infos = {}
@@ -615,7 +619,7 @@ def stream_reply(model: nn.Module, tokenizer: HFTokenizer, prompt_ids: list[int]
     """
     check_sampling_args(temperature, top_k, top_p)
     device = next(model.parameters()).device
-    cache = model.make_cache() if hasattr(model, "make_cache") else KVCache()
+    cache = _new_cache(model)  # the model's own kind of cache, as generate uses
     ids = torch.tensor([prompt_ids], device=device)
     answer, shown = [], ""
     for _ in range(max_new_tokens):
