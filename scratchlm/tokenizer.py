@@ -180,7 +180,72 @@ def _check_id(value, what: str) -> int:
         raise ValueError(f"{what} must be a non-negative int, got {value!r}")
     return value
 
-# %% ../notebooks/01_tokenizer/02_byte_pair_encoding.ipynb #19ab663b
+# %% ../notebooks/01_tokenizer/02_byte_pair_encoding.ipynb #92540b38
+class _HeapEncoding:
+    """BPETokenizer's encoder and decoder (a part of the class, written on its own to be read on its own).
+
+    Uses the tokenizer's `merges`, `byte_ids`, `vocab`, `special_ids`, `_split` and `_cache`: the class below.
+    """
+
+    def _encode_chunk(self, data: bytes) -> list[int]:
+        """BPE on one chunk: merge the lowest-id pair first (leftmost among equals) until no pair is a merge."""
+        ids = [self.byte_ids[b] for b in data]
+        n, merges = len(ids), self.merges
+        nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))  # a linked list over slots; n ends it
+        heap = [(merges[pair], i) for i, pair in enumerate(pairwise(ids)) if pair in merges]
+        heapq.heapify(heap)
+        while heap:
+            new_id, i = heapq.heappop(heap)
+            j = nxt[i]
+            if j == n or merges.get((ids[i], ids[j])) != new_id:
+                continue  # stale: slot i or its neighbour changed since this entry was pushed
+            k = nxt[j]
+            ids[i], ids[j], nxt[i] = new_id, -1, k
+            if k < n:
+                prv[k] = i
+                if (r := merges.get((new_id, ids[k]))) is not None:
+                    heapq.heappush(heap, (r, i))
+            if (h := prv[i]) >= 0 and (r := merges.get((ids[h], new_id))) is not None:
+                heapq.heappush(heap, (r, h))
+        return [t for t in ids if t >= 0]
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        ids, cache = [], self._cache
+        for chunk in self._split(text):
+            chunk_ids = cache.get(chunk)
+            if chunk_ids is None:
+                chunk_ids = self._encode_chunk(chunk.encode("utf-8"))
+                if len(chunk) <= 256:  # words repeat, whole paragraphs rarely do
+                    if len(cache) >= 200_000:
+                        cache.clear()
+                    cache[chunk] = chunk_ids
+            ids.extend(chunk_ids)
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        """The token ids of `text`."""
+        return self._encode_ordinary(_valid_text(text, "encode"))
+
+    def decode_bytes(self, ids) -> bytes:
+        parts = []
+        for i in ids:
+            try:
+                i = operator.index(i)  # ints, numpy ints and 0-d integer tensors
+            except TypeError:
+                raise TypeError(f"token ids must be ints, got {type(i).__name__}") from None
+            if (piece := self.vocab.get(i)) is None:
+                if i not in self.special_ids:
+                    raise ValueError(f"token id {i!r} is not in the vocabulary (ids up to {self.vocab_size - 1})")
+                piece = self.special_ids[i].encode("utf-8")
+            parts.append(piece)
+        return b"".join(parts)
+
+    def decode(self, ids) -> str:
+        """The text of `ids`; bytes that are not valid UTF-8 (a character cut between tokens) become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+# %% ../notebooks/01_tokenizer/02_byte_pair_encoding.ipynb #bdfe507c
 FILE_FORMAT = "scratchlm-bpe"
 
 
@@ -209,7 +274,63 @@ class _load_method:
         return load_into
 
 
-class BPETokenizer:
+class _TokenizerFile:
+    """BPETokenizer's `save` and `load` (a part of the class, written on its own)."""
+
+    def save(self, path) -> None:
+        """Write the tokenizer as UTF-8 JSON, one merge per line (see `load` for the format)."""
+        header = {"format": FILE_FORMAT, "version": 1, "type": type(self).__name__, "pattern": self.pattern,
+                  "special_tokens": self.special_tokens, "byte_ids": self.byte_ids}
+        fields = [f"{json.dumps(key)}: {json.dumps(value, ensure_ascii=False)}" for key, value in header.items()]
+        merges = [json.dumps([a, b, new_id, self.vocab[new_id].decode("utf-8", errors="replace")], ensure_ascii=False)
+                  for (a, b), new_id in self.merges.items()]
+        fields.append('"merges": [\n' + ",\n".join(merges) + "\n]")
+        Path(path).write_text("{\n" + ",\n".join(fields) + "\n}\n", encoding="utf-8")
+
+    @_load_method
+    def load(cls, path) -> "BPETokenizer":
+        """Read a file written by `save`; returns a tokenizer of the class named in the file.
+
+        The format: a JSON object with "format": "scratchlm-bpe", "version": 1, "type" (the class),
+        "pattern" (the split regex, null for BPETokenizer), "special_tokens" (name -> id),
+        "byte_ids" (the id of each byte value 0..255) and "merges", one [left id, right id, new id,
+        "the new token as text"] per line in the order they were learned. The text is for people;
+        it is checked on loading, so an edited id is caught.
+        """
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not a readable tokenizer file ({err}); it may be truncated or "
+                             f"corrupted: save the tokenizer again") from err
+        if not isinstance(data, dict) or data.get("format") != FILE_FORMAT or data.get("version") != 1:
+            raise ValueError(f'{path} is not a scratchlm tokenizer file (expected "format": "{FILE_FORMAT}", '
+                             f'"version": 1)')
+        classes = {c.__name__: c for c in (BPETokenizer, *BPETokenizer.__subclasses__())}
+        kind = classes.get(data.get("type"))
+        if kind is None or not issubclass(kind, cls):
+            raise ValueError(f"{path} holds a {data.get('type')!r}, not a {cls.__name__}; load it with "
+                             f"BPETokenizer.load, which returns the class named in the file")
+        try:
+            rows = [(a, b, new_id, *shown) for a, b, new_id, *shown in data["merges"]]
+            merges = {(a, b): new_id for a, b, new_id, *_ in rows}
+            if len(merges) != len(rows):
+                raise ValueError("a pair is listed twice")
+            if kind is BPETokenizer:
+                tok = BPETokenizer(merges, data["byte_ids"])
+            else:
+                tok = kind(data["pattern"], data["special_tokens"], merges, data["byte_ids"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path} is corrupted: {type(err).__name__}: {err}") from err
+        for a, b, new_id, *shown in rows:
+            if shown and shown[0] != tok.vocab[new_id].decode("utf-8", errors="replace"):
+                raise ValueError(f"{path} is corrupted: merge ({a}, {b}) -> {new_id} makes "
+                                 f"{tok.vocab[new_id]!r}, but the file says {shown[0]!r}")
+        return tok
+
+
+# %% ../notebooks/01_tokenizer/02_byte_pair_encoding.ipynb #342cb642
+class BPETokenizer(_HeapEncoding, _TokenizerFile):
     """Byte-level BPE without pre-tokenisation: the whole text is one sequence of UTF-8 bytes.
 
     >>> tok = BPETokenizer().train("aaabdaaabac", vocab_size=259)
@@ -285,113 +406,6 @@ class BPETokenizer:
         self._rebuild()
         return self
 
-    def _encode_chunk(self, data: bytes) -> list[int]:
-        """BPE on one chunk: merge the lowest-id pair first (leftmost among equals) until no pair is a merge."""
-        ids = [self.byte_ids[b] for b in data]
-        n, merges = len(ids), self.merges
-        nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))  # a linked list over slots; n ends it
-        heap = [(merges[pair], i) for i, pair in enumerate(pairwise(ids)) if pair in merges]
-        heapq.heapify(heap)
-        while heap:
-            new_id, i = heapq.heappop(heap)
-            j = nxt[i]
-            if j == n or merges.get((ids[i], ids[j])) != new_id:
-                continue  # stale: slot i or its neighbour changed since this entry was pushed
-            k = nxt[j]
-            ids[i], ids[j], nxt[i] = new_id, -1, k
-            if k < n:
-                prv[k] = i
-                if (r := merges.get((new_id, ids[k]))) is not None:
-                    heapq.heappush(heap, (r, i))
-            if (h := prv[i]) >= 0 and (r := merges.get((ids[h], new_id))) is not None:
-                heapq.heappush(heap, (r, h))
-        return [t for t in ids if t >= 0]
-
-    def _encode_ordinary(self, text: str) -> list[int]:
-        ids, cache = [], self._cache
-        for chunk in self._split(text):
-            chunk_ids = cache.get(chunk)
-            if chunk_ids is None:
-                chunk_ids = self._encode_chunk(chunk.encode("utf-8"))
-                if len(chunk) <= 256:  # words repeat, whole paragraphs rarely do
-                    if len(cache) >= 200_000:
-                        cache.clear()
-                    cache[chunk] = chunk_ids
-            ids.extend(chunk_ids)
-        return ids
-
-    def encode(self, text: str) -> list[int]:
-        """The token ids of `text`."""
-        return self._encode_ordinary(_valid_text(text, "encode"))
-
-    def decode_bytes(self, ids) -> bytes:
-        parts = []
-        for i in ids:
-            try:
-                i = operator.index(i)  # ints, numpy ints and 0-d integer tensors
-            except TypeError:
-                raise TypeError(f"token ids must be ints, got {type(i).__name__}") from None
-            if (piece := self.vocab.get(i)) is None:
-                if i not in self.special_ids:
-                    raise ValueError(f"token id {i!r} is not in the vocabulary (ids up to {self.vocab_size - 1})")
-                piece = self.special_ids[i].encode("utf-8")
-            parts.append(piece)
-        return b"".join(parts)
-
-    def decode(self, ids) -> str:
-        """The text of `ids`; bytes that are not valid UTF-8 (a character cut between tokens) become U+FFFD."""
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
-
-    def save(self, path) -> None:
-        """Write the tokenizer as UTF-8 JSON, one merge per line (see `load` for the format)."""
-        header = {"format": FILE_FORMAT, "version": 1, "type": type(self).__name__, "pattern": self.pattern,
-                  "special_tokens": self.special_tokens, "byte_ids": self.byte_ids}
-        fields = [f"{json.dumps(key)}: {json.dumps(value, ensure_ascii=False)}" for key, value in header.items()]
-        merges = [json.dumps([a, b, new_id, self.vocab[new_id].decode("utf-8", errors="replace")], ensure_ascii=False)
-                  for (a, b), new_id in self.merges.items()]
-        fields.append('"merges": [\n' + ",\n".join(merges) + "\n]")
-        Path(path).write_text("{\n" + ",\n".join(fields) + "\n}\n", encoding="utf-8")
-
-    @_load_method
-    def load(cls, path) -> "BPETokenizer":
-        """Read a file written by `save`; returns a tokenizer of the class named in the file.
-
-        The format: a JSON object with "format": "scratchlm-bpe", "version": 1, "type" (the class),
-        "pattern" (the split regex, null for BPETokenizer), "special_tokens" (name -> id),
-        "byte_ids" (the id of each byte value 0..255) and "merges", one [left id, right id, new id,
-        "the new token as text"] per line in the order they were learned. The text is for people;
-        it is checked on loading, so an edited id is caught.
-        """
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path} is not a readable tokenizer file ({err}); it may be truncated or "
-                             f"corrupted: save the tokenizer again") from err
-        if not isinstance(data, dict) or data.get("format") != FILE_FORMAT or data.get("version") != 1:
-            raise ValueError(f'{path} is not a scratchlm tokenizer file (expected "format": "{FILE_FORMAT}", '
-                             f'"version": 1)')
-        classes = {c.__name__: c for c in (BPETokenizer, *BPETokenizer.__subclasses__())}
-        kind = classes.get(data.get("type"))
-        if kind is None or not issubclass(kind, cls):
-            raise ValueError(f"{path} holds a {data.get('type')!r}, not a {cls.__name__}; load it with "
-                             f"BPETokenizer.load, which returns the class named in the file")
-        try:
-            rows = [(a, b, new_id, *shown) for a, b, new_id, *shown in data["merges"]]
-            merges = {(a, b): new_id for a, b, new_id, *_ in rows}
-            if len(merges) != len(rows):
-                raise ValueError("a pair is listed twice")
-            if kind is BPETokenizer:
-                tok = BPETokenizer(merges, data["byte_ids"])
-            else:
-                tok = kind(data["pattern"], data["special_tokens"], merges, data["byte_ids"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{path} is corrupted: {type(err).__name__}: {err}") from err
-        for a, b, new_id, *shown in rows:
-            if shown and shown[0] != tok.vocab[new_id].decode("utf-8", errors="replace"):
-                raise ValueError(f"{path} is corrupted: merge ({a}, {b}) -> {new_id} makes "
-                                 f"{tok.vocab[new_id]!r}, but the file says {shown[0]!r}")
-        return tok
 
 # %% ../notebooks/01_tokenizer/02_byte_pair_encoding.ipynb #fb81e5c1
 def _pattern_name(pattern: str) -> str:
