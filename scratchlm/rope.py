@@ -2,8 +2,9 @@
 
 # %% auto #0
 __all__ = ['LAYOUTS', 'ROPE_TYPES', 'REQUIRED_KEYS', 'OPTIONAL_KEYS', 'check_head_dim', 'default_inv_freq', 'apply_rotary',
-           'interleaved_to_half_permutation', 'RopeScaling', 'linear_inv_freq', 'ntk_aware_base', 'dynamic_ntk_base',
-           'llama3_inv_freq', 'yarn_inv_freq', 'yarn_attention_factor', 'rope_frequencies', 'RotaryEmbedding']
+           'interleaved_to_half_permutation', 'linear_inv_freq', 'ntk_aware_base', 'dynamic_ntk_base',
+           'llama3_inv_freq', 'yarn_inv_freq', 'yarn_attention_factor', 'RopeScaling', 'rope_frequencies',
+           'RotaryEmbedding']
 
 # %% ../notebooks/04_llama/02_rotary_embeddings.ipynb #6467c018
 import math
@@ -71,6 +72,74 @@ def interleaved_to_half_permutation(head_dim: int, n_heads: int = 1) -> torch.Te
         raise ValueError(f"n_heads={n_heads} must be positive")
     one_head = torch.cat((torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)))  # pair starts, then pair ends
     return torch.cat([one_head + h * head_dim for h in range(n_heads)])
+
+# %% ../notebooks/04_llama/02_rotary_embeddings.ipynb #59ab027a
+def linear_inv_freq(inv_freq: torch.Tensor, factor: float) -> torch.Tensor:
+    """Position interpolation: positions m -> m / factor, that is every frequency divided by factor."""
+    return inv_freq / factor
+
+# %% ../notebooks/04_llama/02_rotary_embeddings.ipynb #e8939535
+def ntk_aware_base(base: float, head_dim: int, alpha: float) -> float:
+    """Static NTK-aware scaling: the base that keeps theta_0 and divides the slowest theta by alpha."""
+    check_head_dim(head_dim)
+    if head_dim < 4:
+        raise ValueError(f"NTK-aware scaling needs head_dim >= 4, got head_dim={head_dim}")
+    return base * alpha ** (head_dim / (head_dim - 2))
+
+
+def dynamic_ntk_base(base: float, head_dim: int, factor: float, seq_len: int, max_position_embeddings: int) -> float:
+    """Dynamic NTK scaling: alpha grows with the sequence length, 1 up to max_position_embeddings."""
+    seq_len = max(seq_len, max_position_embeddings)
+    return ntk_aware_base(base, head_dim, factor * seq_len / max_position_embeddings - (factor - 1))
+
+# %% ../notebooks/04_llama/02_rotary_embeddings.ipynb #8d4ad728
+def llama3_inv_freq(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                    original_max_position_embeddings: int) -> torch.Tensor:
+    """Llama 3.1 scaling: keep short wavelengths, divide long ones by factor, blend in between."""
+    context = original_max_position_embeddings
+    wavelength = 2 * math.pi / inv_freq
+    turns = context / wavelength  # how many full turns pair i makes within the original context
+    gamma = (turns - low_freq_factor) / (high_freq_factor - low_freq_factor)  # 0 at the long edge, 1 at the short one
+    blended = (1 - gamma) * inv_freq / factor + gamma * inv_freq
+    scaled = torch.where(wavelength > context / low_freq_factor, inv_freq / factor, blended)
+    return torch.where(wavelength < context / high_freq_factor, inv_freq, scaled)
+
+# %% ../notebooks/04_llama/02_rotary_embeddings.ipynb #c8f59e19
+def yarn_inv_freq(head_dim: int, base: float, factor: float, original_max_position_embeddings: int,
+                  beta_fast: float = 32.0, beta_slow: float = 1.0, truncate: bool = True,
+                  dtype=torch.float32, device=None) -> torch.Tensor:
+    """YaRN: keep pairs turning more than beta_fast times in the original context, divide by factor those turning
+    fewer than beta_slow times, and ramp linearly in the pair index between the two."""
+    check_head_dim(head_dim)
+
+    def pair_index(turns: float) -> float:  # the (fractional) pair i that turns `turns` times in the context
+        return head_dim * math.log(original_max_position_embeddings / (2 * math.pi * turns)) / (2 * math.log(base))
+
+    low, high = pair_index(beta_fast), pair_index(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # a ramp of zero width would divide by zero
+    pair = torch.arange(head_dim // 2, dtype=dtype, device=device)
+    keep = 1 - ((pair - low) / (high - low)).clamp(0, 1)  # 1: the original frequency, 0: interpolated
+    wavelength_scale = base ** (torch.arange(0, head_dim, 2, dtype=dtype, device=device) / head_dim)  # 1 / theta_i
+    original, interpolated = 1.0 / wavelength_scale, 1.0 / (factor * wavelength_scale)
+    return interpolated * (1 - keep) + original * keep
+
+
+def yarn_attention_factor(factor: float, attention_factor: float | None = None, mscale: float | None = None,
+                          mscale_all_dim: float | None = None) -> float:
+    """The scale YaRN applies to cos and sin (so scores grow by its square): 0.1 ln(factor) + 1 by default."""
+    if attention_factor is not None:
+        return attention_factor
+
+    def temperature(coefficient: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * coefficient * math.log(factor) + 1.0
+
+    if mscale and mscale_all_dim:
+        return temperature(mscale) / temperature(mscale_all_dim)
+    return temperature(1.0)
 
 # %% ../notebooks/04_llama/02_rotary_embeddings.ipynb #e30bd53b
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
@@ -142,74 +211,6 @@ class RopeScaling:
             raise ValueError(f"keys {unused} are not used by rope_type={rope_type!r}; it reads "
                              f"{', '.join(sorted(allowed)) or 'no other keys'}")
         return cls(rope_type=rope_type, **params)
-
-# %% ../notebooks/04_llama/02_rotary_embeddings.ipynb #59ab027a
-def linear_inv_freq(inv_freq: torch.Tensor, factor: float) -> torch.Tensor:
-    """Position interpolation: positions m -> m / factor, that is every frequency divided by factor."""
-    return inv_freq / factor
-
-# %% ../notebooks/04_llama/02_rotary_embeddings.ipynb #e8939535
-def ntk_aware_base(base: float, head_dim: int, alpha: float) -> float:
-    """Static NTK-aware scaling: the base that keeps theta_0 and divides the slowest theta by alpha."""
-    check_head_dim(head_dim)
-    if head_dim < 4:
-        raise ValueError(f"NTK-aware scaling needs head_dim >= 4, got head_dim={head_dim}")
-    return base * alpha ** (head_dim / (head_dim - 2))
-
-
-def dynamic_ntk_base(base: float, head_dim: int, factor: float, seq_len: int, max_position_embeddings: int) -> float:
-    """Dynamic NTK scaling: alpha grows with the sequence length, 1 up to max_position_embeddings."""
-    seq_len = max(seq_len, max_position_embeddings)
-    return ntk_aware_base(base, head_dim, factor * seq_len / max_position_embeddings - (factor - 1))
-
-# %% ../notebooks/04_llama/02_rotary_embeddings.ipynb #8d4ad728
-def llama3_inv_freq(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
-                    original_max_position_embeddings: int) -> torch.Tensor:
-    """Llama 3.1 scaling: keep short wavelengths, divide long ones by factor, blend in between."""
-    context = original_max_position_embeddings
-    wavelength = 2 * math.pi / inv_freq
-    turns = context / wavelength  # how many full turns pair i makes within the original context
-    gamma = (turns - low_freq_factor) / (high_freq_factor - low_freq_factor)  # 0 at the long edge, 1 at the short one
-    blended = (1 - gamma) * inv_freq / factor + gamma * inv_freq
-    scaled = torch.where(wavelength > context / low_freq_factor, inv_freq / factor, blended)
-    return torch.where(wavelength < context / high_freq_factor, inv_freq, scaled)
-
-# %% ../notebooks/04_llama/02_rotary_embeddings.ipynb #c8f59e19
-def yarn_inv_freq(head_dim: int, base: float, factor: float, original_max_position_embeddings: int,
-                  beta_fast: float = 32.0, beta_slow: float = 1.0, truncate: bool = True,
-                  dtype=torch.float32, device=None) -> torch.Tensor:
-    """YaRN: keep pairs turning more than beta_fast times in the original context, divide by factor those turning
-    fewer than beta_slow times, and ramp linearly in the pair index between the two."""
-    check_head_dim(head_dim)
-
-    def pair_index(turns: float) -> float:  # the (fractional) pair i that turns `turns` times in the context
-        return head_dim * math.log(original_max_position_embeddings / (2 * math.pi * turns)) / (2 * math.log(base))
-
-    low, high = pair_index(beta_fast), pair_index(beta_slow)
-    if truncate:
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, head_dim - 1)
-    if low == high:
-        high += 0.001  # a ramp of zero width would divide by zero
-    pair = torch.arange(head_dim // 2, dtype=dtype, device=device)
-    keep = 1 - ((pair - low) / (high - low)).clamp(0, 1)  # 1: the original frequency, 0: interpolated
-    wavelength_scale = base ** (torch.arange(0, head_dim, 2, dtype=dtype, device=device) / head_dim)  # 1 / theta_i
-    original, interpolated = 1.0 / wavelength_scale, 1.0 / (factor * wavelength_scale)
-    return interpolated * (1 - keep) + original * keep
-
-
-def yarn_attention_factor(factor: float, attention_factor: float | None = None, mscale: float | None = None,
-                          mscale_all_dim: float | None = None) -> float:
-    """The scale YaRN applies to cos and sin (so scores grow by its square): 0.1 ln(factor) + 1 by default."""
-    if attention_factor is not None:
-        return attention_factor
-
-    def temperature(coefficient: float) -> float:
-        return 1.0 if factor <= 1 else 0.1 * coefficient * math.log(factor) + 1.0
-
-    if mscale and mscale_all_dim:
-        return temperature(mscale) / temperature(mscale_all_dim)
-    return temperature(1.0)
 
 # %% ../notebooks/04_llama/02_rotary_embeddings.ipynb #3104480e
 def _as_scaling(scaling, max_position_embeddings) -> RopeScaling:
