@@ -4,9 +4,10 @@
 __all__ = ['DTYPES', 'EMBEDDING_MODULES', 'MODEL_REGISTRY', 'WEIGHTS', 'MODEL_CONFIG', 'TOKENIZER', 'TRAIN_STATE', 'OPTIMIZER',
            'TrainConfig', 'shakespeare_char_config', 'shakespeare_char_data', 'lr_at', 'configure_optimizer',
            'next_token_loss', 'accumulate_gradients', 'resolve_device', 'autocast_dtype', 'precision_note',
-           'autocast_context', 'estimate_loss', 'split_loss', 'process_rank_and_count', 'Trainer',
-           'start_data_parallel', 'stop_data_parallel', 'save_weights', 'load_weights', 'build_model',
-           'check_checkpoint', 'save_tokenizer', 'load_tokenizer', 'load_model', 'save_checkpoint', 'resume_checkpoint']
+           'autocast_context', 'estimate_loss', 'split_loss', 'clip_and_step', 'Trainer', 'process_rank_and_count',
+           'start_data_parallel', 'stop_data_parallel', 'split_batch_across_processes', 'wrap_data_parallel',
+           'mean_over_processes', 'save_weights', 'load_weights', 'build_model', 'check_checkpoint', 'save_tokenizer',
+           'load_tokenizer', 'load_model', 'save_checkpoint', 'resume_checkpoint']
 
 # %% ../notebooks/03_gpt/03_training.ipynb #932b788e
 import importlib
@@ -255,14 +256,29 @@ def split_loss(model: nn.Module, data: torch.Tensor, block_size: int, batch_size
     model.train(was_training)
     return total / n
 
+# %% ../notebooks/03_gpt/03_training.ipynb #b7817816
+def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
+                  scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+    """The end of an optimizer step: unscale (float16), clip to `grad_clip` (0: off), step, zero the gradients.
+
+    Returns the global gradient norm before clipping."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip and report the true gradients, not the scaled ones
+    if grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()
+                                                     if p.grad is not None]))
+    if scaler is not None:
+        scaler.step(optimizer)  # skipped if the scaled gradients overflowed
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
 # %% ../notebooks/03_gpt/03_training.ipynb #104af9ee
-def process_rank_and_count() -> tuple[int, int]:
-    """(this process's rank, the number of processes): (0, 1) unless torchrun started several (section 10)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _as_dict(config) -> dict | None:
     return asdict(config) if is_dataclass(config) else (dict(config) if config is not None else None)
 
@@ -273,9 +289,8 @@ class Trainer:
     `model_name` and `model_config` (a registry name and its config) go into checkpoints so `load_model`
     can rebuild the model; `tokenizer` (a CharTokenizer) goes there too, so sampling needs no data file.
 
-    Under `torchrun` (section 10) it trains data-parallel: each of the N processes holds the model,
-    draws `batch_size / N` sequences per micro-step from its own generator, and the gradients are
-    averaged across processes before each step. Process 0 alone evaluates, prints and writes checkpoints.
+    Under `torchrun` it trains data-parallel (section 10): the batch is split across the processes, their
+    gradients are averaged before each step, and process 0 alone evaluates, prints and writes checkpoints.
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, train_data: torch.Tensor, val_data: torch.Tensor, *,
@@ -283,10 +298,7 @@ class Trainer:
         for split, data in (("train", train_data), ("val", val_data)):
             if len(data) <= cfg.block_size:
                 raise ValueError(f"the {split} split has {len(data)} tokens, need more than block_size={cfg.block_size}")
-        self.rank, self.world_size = process_rank_and_count()
-        if cfg.batch_size % self.world_size:
-            raise ValueError(f"batch_size={cfg.batch_size} does not split across {self.world_size} processes: "
-                             f"choose a batch size divisible by torchrun's --nproc_per_node")
+        self.rank, self.world_size = split_batch_across_processes(cfg.batch_size)  # (0, 1) in one process
         self.cfg, self.verbose = cfg, verbose and self.rank == 0
         self.device = resolve_device(cfg.device)
         dtype = autocast_dtype(cfg.dtype, self.device)
@@ -297,10 +309,7 @@ class Trainer:
             print(f"precision: {precision_note(dtype)}; torch.compile {'on' if cfg.compile else 'off'}")
         self.model = model.to(self.device)
         self.eval_forward = torch.compile(self.model) if cfg.compile else self.model  # saves go through self.model
-        self.forward = self.eval_forward  # what training steps call: with several processes, wrapped in DDP
-        if self.world_size > 1:  # copies rank 0's weights to every process, then averages gradients
-            self.forward = DistributedDataParallel(self.eval_forward, device_ids=[self.device.index]
-                                                   if self.device.type == "cuda" else None)
+        self.forward = wrap_data_parallel(self.eval_forward, self.device)  # what training steps call
         self.train_data, self.val_data = train_data, val_data
         self.model_name, self.model_config, self.tokenizer = model_name, _as_dict(model_config), tokenizer
         self.optimizer = configure_optimizer(self.model, cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2),
@@ -327,22 +336,8 @@ class Trainer:
             group["lr"] = lr
         x, y = self.next_batch()  # (B * accum, T), split into micro-batches
         loss = accumulate_gradients(self.forward, x, y, cfg.grad_accum_steps, self.autocast, self.scaler)
-        if self.world_size > 1:  # report the mean loss over all processes' sequences
-            dist.all_reduce(loss)
-            loss /= self.world_size
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)  # clip and report the true gradients, not the scaled ones
-        if cfg.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        else:
-            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.model.parameters()
-                                                         if p.grad is not None]))
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)  # skipped if the scaled gradients overflowed
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        loss = mean_over_processes(loss)  # the loss of every process's sequences
+        norm = clip_and_step(self.model, self.optimizer, cfg.grad_clip, self.scaler)
         self.step += 1
         loss = loss.item()
         self.history["train_loss"].append(loss)
@@ -403,6 +398,13 @@ class Trainer:
 
 
 # %% ../notebooks/03_gpt/03_training.ipynb #1cabee52
+def process_rank_and_count() -> tuple[int, int]:
+    """(this process's rank, the number of processes): (0, 1) unless torchrun started several."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def start_data_parallel(device: str = "auto") -> str | None:
     """Join the processes that `torchrun` started, if it started more than one: NCCL with one GPU per process
     on CUDA, gloo on CPU. Returns the device this process trains on, or None for a single process."""
@@ -425,6 +427,33 @@ def stop_data_parallel() -> None:
     """Leave the process group (if any), so the processes exit cleanly."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+# %% ../notebooks/03_gpt/03_training.ipynb #f23ad992
+def split_batch_across_processes(batch_size: int) -> tuple[int, int]:
+    """(this process's rank, the number of processes), once `batch_size` is known to split evenly among them."""
+    rank, count = process_rank_and_count()
+    if batch_size % count:
+        raise ValueError(f"batch_size={batch_size} does not split across {count} processes: "
+                         f"choose a batch size divisible by torchrun's --nproc_per_node")
+    return rank, count
+
+
+def wrap_data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
+    """`module` in DistributedDataParallel with several processes (it copies rank 0's weights to every process,
+    then averages the gradients in backward), `module` itself in one."""
+    if process_rank_and_count()[1] == 1:
+        return module
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def mean_over_processes(t: torch.Tensor) -> torch.Tensor:
+    """`t` averaged over all processes (an all-reduce, in place); `t` itself in one process."""
+    count = process_rank_and_count()[1]
+    if count > 1:
+        dist.all_reduce(t)
+        t /= count
+    return t
+
 
 # %% ../notebooks/03_gpt/03_training.ipynb #6c6b9d08
 def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
