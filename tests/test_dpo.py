@@ -2,7 +2,8 @@
 (length-normalised) and robust on a fixed batch (random tiny Llama policy and reference, an in-memory character
 tokenizer, TRL's own collator; bf16=False), equals the DPO authors' reference preference_loss for cDPO
 (label_smoothing > 0, which TRL's sigmoid now ignores) and un-normalised IPO, has the finite optima the notebook
-uses, and gives clear errors. A seeded ci-profile run asserts the direction of each method's held-out change
+uses, and gives clear errors. flip_pairs swaps exactly round(fraction * n) seeded pairs and refuses a fraction
+outside [0, 1] and pairs of different shapes; robust DPO's loss has no lower bound (slope -eps / (1 - 2 eps)). A seeded ci-profile run asserts the direction of each method's held-out change
 from the noisy-SFT base (the ci model is too small for the cpu profile's margins).
 """
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scratchlm.dpo import dpo_loss, dpo_metrics, hf_char_tokenizer, preference_pairs, train_dpo
+from scratchlm.dpo import dpo_loss, dpo_metrics, flip_pairs, hf_char_tokenizer, preference_pairs, train_dpo
 
 
 def reference_preference_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
@@ -120,6 +121,64 @@ def test_bad_input(kwargs, message):
     x = torch.zeros(2)
     with pytest.raises(ValueError, match=message):
         dpo_loss(x, x, x, x, **kwargs)
+
+
+def _pairs():
+    problems = torch.tensor([[37, 45], [29, 31], [99, 98], [81, 34], [12, 30], [40, 45], [61, 27], [18, 73]])
+    return preference_pairs(problems)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.25, 0.5, 1.0])
+def test_flip_pairs_swaps_exactly_that_share(fraction):
+    chosen, rejected = _pairs()
+    n = len(chosen[0])
+    new_chosen, new_rejected, flipped = flip_pairs(chosen, rejected, fraction, torch.Generator().manual_seed(0))
+    assert flipped.dtype == torch.bool and flipped.shape == (n,) and int(flipped.sum()) == round(fraction * n)
+    for new, same, other in [(new_chosen, chosen, rejected), (new_rejected, rejected, chosen)]:
+        for k in (0, 1):  # ids and mask
+            assert torch.equal(new[k][flipped], other[k][flipped]) and torch.equal(new[k][~flipped], same[k][~flipped])
+    assert chosen[0].shape == new_chosen[0].shape  # inputs untouched, outputs of the same shape
+    assert not torch.equal(chosen[0], rejected[0])
+
+
+def test_flip_pairs_is_seeded_and_nested():
+    chosen, rejected = _pairs()
+    a = flip_pairs(chosen, rejected, 0.5, torch.Generator().manual_seed(3))[2]
+    b = flip_pairs(chosen, rejected, 0.5, torch.Generator().manual_seed(3))[2]
+    assert torch.equal(a, b)
+    small = flip_pairs(chosen, rejected, 0.25, torch.Generator().manual_seed(3))[2]
+    assert torch.all(small <= a)  # the same seed flips nested sets
+    twice = flip_pairs(*flip_pairs(chosen, rejected, 1.0)[:2], 1.0)
+    assert torch.equal(twice[0][0], chosen[0]) and torch.equal(twice[1][1], rejected[1])
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.5, float("nan"), "a lot", None])
+def test_flip_pairs_refuses_a_fraction_outside_0_1(fraction):
+    chosen, rejected = _pairs()
+    with pytest.raises(ValueError, match=r"fraction is the share of pairs to flip"):
+        flip_pairs(chosen, rejected, fraction)
+
+
+def test_flip_pairs_refuses_pairs_of_different_shapes():
+    (c_ids, c_mask), (r_ids, r_mask) = _pairs()
+    with pytest.raises(ValueError, match="must be 2-D and of one shape"):
+        flip_pairs((c_ids, c_mask), (r_ids[:, :-1], r_mask[:, :-1]), 0.5)
+    with pytest.raises(ValueError, match="must be 2-D and of one shape"):
+        flip_pairs((c_ids[:3], c_mask[:3]), (r_ids, r_mask), 0.5)
+    with pytest.raises(ValueError, match=r"each a pair \(ids, mask\)"):
+        flip_pairs((c_ids,), (r_ids, r_mask), 0.5)
+
+
+def test_robust_dpo_is_unbounded_below():
+    margins = torch.tensor([10.0, 20.0, 50.0, 100.0], dtype=torch.float64)
+    zero = torch.zeros_like(margins)
+    for eps in (0.1, 0.2, 0.4):
+        robust = dpo_loss(margins, zero, zero, zero, 1.0, "robust", eps)[0]
+        assert torch.all(robust[1:] < robust[:-1]) and robust[-1] < -eps / (1 - 2 * eps) * 90
+        assert (robust[-1] - robust[-2]).item() / 50 == pytest.approx(-eps / (1 - 2 * eps), abs=1e-9)
+        cdpo = dpo_loss(margins, zero, zero, zero, 1.0, "sigmoid", eps)[0]
+        assert torch.all(cdpo[1:] > cdpo[:-1])  # past its optimum cDPO rises again
+    assert dpo_loss(margins, zero, zero, zero, 1.0)[0].min() > 0  # plain DPO: bounded below by 0
 
 
 def test_pairs_drop_palindromes():
