@@ -63,7 +63,10 @@ def test_sorted_and_grouped_dispatch_equal_the_loop_with_gradients(E, k):
         candidates.append(dispatch_grouped)
     for fn in candidates:
         for want, got in zip(expected, outputs_and_grads(fn, *inputs), strict=True):
-            assert (want - got).abs().max().item() < 1e-6, fn.__name__
+            # float32 rounding scales with the values: with two threads, 64 experts' gate_up gradient (entries up
+            # to ~26) differs from the loop's by 1.7e-6, a relative 7e-8; the bound is 1e-6 of the largest entry
+            scale = max(1.0, want.abs().max().item())
+            assert (want - got).abs().max().item() < 1e-6 * scale, fn.__name__
 
 
 def test_expert_positions_follow_token_order():
