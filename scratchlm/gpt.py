@@ -186,15 +186,18 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
+        """The final hidden states (B, T, n_embd), after ln_f: everything but the output layer."""
         start = cache.seq_len if cache is not None else 0  # positions already in the cache
         T = check_input_ids(input_ids, start, self.config.block_size)
         pos = torch.arange(start, start + T, device=input_ids.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, cache=cache)
-        x = self.transformer.ln_f(x)
-        return self.lm_head(x)  # (B, T, vocab_size)
+        return self.transformer.ln_f(x)
+
+    def forward(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids, cache))  # (B, T, vocab_size)
 
 # %% ../notebooks/03_gpt/01_gpt_model.ipynb #fc5413c4
 _GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

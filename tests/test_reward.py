@@ -27,7 +27,6 @@ from scratchlm.dpo import preference_pairs
 from scratchlm.reward import (
     ScalarHeadGPT,
     answer_pairs,
-    gpt_hidden_states,
     last_token_index,
     pair_accuracy,
     reward_loss,
@@ -122,7 +121,7 @@ def test_scalar_head_reads_the_gpt_and_the_last_answer_token():
     problems = torch.tensor([[10, 11], [99, 98], [50, 50]])
     ids, mask = encode_examples(prompts(problems), correct_answers(problems))
     with torch.no_grad():
-        assert torch.equal(gpt.lm_head(gpt_hidden_states(gpt, ids)), gpt(ids))
+        assert torch.equal(gpt.lm_head(gpt.hidden_states(ids)), gpt(ids))
     assert last_token_index(mask).tolist() == [8, 9, 9]  # "10+11=21\n#", "99+98=197\n", "50+50=100\n"
     model = ScalarHeadGPT(gpt).eval()
     with torch.no_grad():
