@@ -227,7 +227,7 @@ def sample(args: argparse.Namespace) -> None:
     print(tokenizer.decode(out[0].tolist()))
 
 
-# what `scratchlm.grpo.save_base` writes and `load_base` reads: a folder holding both is a base model
+# what `scratchlm.arith.save_base` writes and `load_base` reads: a folder holding both is a base model
 BASE_FILES = ("task_config.json", "model.safetensors")
 
 
@@ -266,9 +266,9 @@ def align(args: argparse.Namespace) -> None:
         raise ValueError(f"--json {args.json}: {existing_ancestor(Path(args.json).parent)} is a file, so the table "
                          f"cannot be written there")
 
-    from scratchlm.arith import accuracy, addition_split, noisy_sft_data, task_config, task_model, train_sft
+    from scratchlm.align import METHODS, format_table, run_method
+    from scratchlm.arith import accuracy, addition_split, load_base, save_base, task_config, train_base
     from scratchlm.data import get_profile
-    from scratchlm.grpo import METHODS, format_table, load_base, run_method, save_base
 
     profile = args.profile or get_profile()
     split = addition_split()
@@ -277,14 +277,12 @@ def align(args: argparse.Namespace) -> None:
         print(f"base model loaded from {args.base}: held-out accuracy {accuracy(base, split['test']):.1%}")
     else:
         cfg = task_config(profile)
-        base = task_model(cfg, seed=args.seed)
         start = time.perf_counter()
-        train_sft(base, *noisy_sft_data(split["train"], cfg, seed=args.seed), cfg.sft_steps, cfg.batch_size, cfg.lr,
-                  seed=args.seed)
+        base = train_base(cfg, seed=args.seed, split=split)
         print(f"profile {profile}, seed {args.seed}: base model (SFT on noisy data, {cfg.sft_steps} steps) trained in "
               f"{time.perf_counter() - start:.0f} s; held-out accuracy {accuracy(base, split['test']):.1%}")
         if args.base:
-            save_base(base, cfg, args.base)
+            save_base(base, cfg, args.base, seed=args.seed)
             print(f"base model saved in {args.base} (reuse it with --base {args.base})")
     methods = METHODS if args.method == "all" else (args.method,)
     rows = [run_method(m, base, cfg, split, seed=args.seed, lora_rank=args.lora, profile=profile) for m in methods]

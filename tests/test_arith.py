@@ -9,19 +9,23 @@ import torch
 import torch.nn.functional as F
 
 from scratchlm.arith import (
+    BASE_RECIPE,
     EOS,
     PAD,
     TOKENIZER,
     accuracy,
     addition_split,
     answer_loss,
+    base_model,
     correct_answers,
     encode_examples,
     greedy_answers,
+    load_base,
     noisy_answers,
     noisy_sft_data,
     prompts,
     reversed_answers,
+    save_base,
     task_config,
     task_model,
     token_logps,
@@ -105,3 +109,51 @@ def test_bad_input():
         encode_examples(["1+1=", "2+2="], ["2"])
     with pytest.raises(ValueError, match="not a profile"):
         task_config("laptop")
+
+
+def test_the_split_deals_unordered_pairs():
+    """A problem and its commuted twin always share a split: no held-out problem's twin is trained on. The sizes are
+    the asked ones, the splits partition all 8,100 problems, and the same seed gives the same split."""
+    split = addition_split()
+    assert {k: len(v) for k, v in split.items()} == {"test": 1500, "val": 500, "train": 6100}
+    name_of = {tuple(p): name for name, problems in split.items() for p in problems.tolist()}
+    assert len(name_of) == 8100
+    assert all(name_of[(b, a)] == name for (a, b), name in name_of.items())
+    assert all(torch.equal(split[k], addition_split()[k]) for k in split)
+    assert not torch.equal(addition_split(seed=1)["test"], split["test"])
+
+
+def test_base_model_is_saved_once_and_loaded(tmp_path, monkeypatch):
+    """base_model trains and saves when the folder holds no base, and loads (without training) when it does; a base
+    of another seed, profile or recipe is trained again, not loaded; load_base refuses an older recipe."""
+    import json
+
+    calls = []
+
+    def quick_sft(model, *args, **kwargs):  # stands in for a minute of training; changes the weights
+        calls.append(1)
+        with torch.no_grad():
+            model.lm_head.weight.add_(1.0)
+        return [0.0]
+
+    monkeypatch.setattr("scratchlm.arith.train_sft", quick_sft)
+    folder = tmp_path / "base"
+    first, cfg = base_model(seed=3, profile="ci", folder=folder)
+    assert calls == [1] and cfg == task_config("ci")
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["base"]  # no temporary folder left behind
+    again, _ = base_model(seed=3, profile="ci", folder=folder)
+    assert calls == [1]
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True))
+    base_model(seed=4, profile="ci", folder=folder)  # another seed: trained again, and saved over the old one
+    base_model(seed=4, profile="cpu", folder=folder)  # another profile's TaskConfig: trained again
+    assert calls == [1, 1, 1]
+
+    old = tmp_path / "old"
+    save_base(first, cfg, old, seed=0)
+    saved = json.loads((old / "task_config.json").read_text())
+    assert saved["seed"] == 0 and saved["recipe"] == BASE_RECIPE
+    (old / "task_config.json").write_text(json.dumps({**saved, "recipe": BASE_RECIPE - 1}))
+    with pytest.raises(ValueError, match="older recipe"):
+        load_base(old)
+    with pytest.raises(FileNotFoundError, match="holds no base model"):
+        load_base(tmp_path / "nothing")

@@ -258,8 +258,8 @@ def test_align_base_that_is_not_a_base_model_folder_is_refused_before_training(t
     """--base FILE used to train the base model for a minute, then fail with `[Errno 17] File exists`; a folder
     holding other files got the base model's files mixed in. Both are refused before training now."""
     monkeypatch.setattr("scratchlm.arith.train_sft", fail_if_called("training the base model"))
-    monkeypatch.setattr("scratchlm.grpo.load_base", fail_if_called("loading a base model"))
-    monkeypatch.setattr("scratchlm.grpo.run_method", fail_if_called("an alignment method"))
+    monkeypatch.setattr("scratchlm.arith.load_base", fail_if_called("loading a base model"))
+    monkeypatch.setattr("scratchlm.align.run_method", fail_if_called("an alignment method"))
     file = tmp_path / "f"
     file.write_text("")
     with pytest.raises(SystemExit) as exit_:

@@ -1,4 +1,4 @@
-"""scratchlm.dpo (notebooks/06_alignment/03_dpo.ipynb): dpo_loss equals TRL 1.16's DPOTrainer loss for sigmoid, ipo
+"""scratchlm.dpo (notebooks/06_alignment/05_dpo.ipynb): dpo_loss equals TRL 1.16's DPOTrainer loss for sigmoid, ipo
 (length-normalised) and robust on a fixed batch (random tiny Llama policy and reference, an in-memory character
 tokenizer, TRL's own collator; bf16=False), equals the DPO authors' reference preference_loss for cDPO
 (label_smoothing > 0, which TRL's sigmoid now ignores) and un-normalised IPO, has the finite optima the notebook
@@ -214,7 +214,7 @@ def test_ci_dpo_rises_then_over_optimises_and_cdpo_ipo_keep_the_gain():
     assert best > before + 0.1 and final < best - 0.1, (before, best, final)
     assert finals["sigmoid", 0.3][1] > before + 0.1 and finals["ipo", 0.0][1] > before + 0.1, (before, finals)
     # and against the control (more SFT on the same noisy data): cDPO, IPO and DPO's best beat it by 5 points
-    from scratchlm.grpo import run_method
+    from scratchlm.align import run_method
 
     control = run_method("sft", base, cfg, split, seed=0, profile="ci")["accuracy_after"]
     assert min(best, finals["sigmoid", 0.3][1], finals["ipo", 0.0][1]) > control + 0.05, (control, finals)

@@ -1,4 +1,4 @@
-"""scratchlm.grpo (notebooks/06_alignment/04_grpo.ipynb): grpo_loss equals TRL 1.16's GRPOTrainer._compute_loss for
+"""scratchlm.grpo (notebooks/06_alignment/06_grpo.ipynb): grpo_loss equals TRL 1.16's GRPOTrainer._compute_loss for
 grpo, bnpo and dr_grpo on fixed inputs whose old log-probs differ from the current ones (so ratio and clip act),
 with use_bias_correction_kl=False (the paper's k3) and bf16=False; group advantages are normalised per group
 (Bessel's std + 1e-4); sampling masks end at the first EOS; clear errors. Seeded ci-profile runs: GRPO lifts
@@ -6,14 +6,16 @@ held-out accuracy by more than 10 points over the noisy-SFT base (the ci model i
 so the margin asserted is smaller), and `python -m scratchlm align` writes the JSON table and reuses --base.
 """
 
+import copy
 import json
 import tempfile
 
 import pytest
 import torch
 
+from scratchlm.arith import exact_match_rewards, sample_groups
 from scratchlm.dpo import hf_char_tokenizer
-from scratchlm.grpo import LOSS_TYPES, exact_match_rewards, group_advantages, grpo_loss, sample_groups
+from scratchlm.grpo import LOSS_TYPES, group_advantages, grpo_loss
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +127,8 @@ def test_sampled_masks_end_at_the_first_eos():
 
 def test_ci_grpo_lifts_held_out_accuracy():
     """Seeded, ci profile: GRPO for 20 steps beats the noisy-SFT base, and the control, by more than 10 points."""
+    from scratchlm.align import run_method
     from scratchlm.arith import addition_split, task_config, task_model
-    from scratchlm.grpo import run_method
 
     cfg = task_config("ci")
     split = addition_split()
@@ -154,3 +156,24 @@ def test_cli_align_writes_json_and_reuses_the_base(tmp_path, capsys):
     assert json.loads(out.read_text())[0]["accuracy_before"] == rows[0]["accuracy_before"]
     with pytest.raises(SystemExit):
         main(["align", "--method", "grpo", "--lora", "0", "--profile", "ci"])
+
+
+def test_mu_updates_per_batch_let_the_clip_act():
+    """num_iterations (mu) = 1: the ratio is exactly 1 at the only update, so nothing is clipped. mu = 3 at a large
+    learning rate: the later updates move the ratio out of [1 - eps, 1 + eps] and the clip cuts some tokens. The
+    untrained model never answers right, so the reward here is a stand-in that varies within groups (the hook)."""
+    from scratchlm.arith import addition_split, task_config, task_model
+    from scratchlm.grpo import train_grpo
+
+    cfg = task_config("ci")
+    problems = addition_split()["train"]
+    base = task_model(cfg, seed=0)
+    odd_length = lambda answers, batch, group_size: torch.tensor([float(len(a) % 2) for a in answers])
+    kw = dict(group_size=4, prompts_per_step=8, lr=1e-2, reward=odd_length)
+    one = train_grpo(copy.deepcopy(base), copy.deepcopy(base), problems, 3, **kw)
+    assert all(m["clip_ratio"] == 0.0 for m in one)
+    three = train_grpo(copy.deepcopy(base), copy.deepcopy(base), problems, 3, num_iterations=3, **kw)
+    assert max(m["clip_ratio"] for m in three) > 0.0
+    assert all(m["completion_length"] >= 1 for m in three)
+    with pytest.raises(ValueError, match="num_iterations"):
+        train_grpo(base, base, problems, 1, num_iterations=0)

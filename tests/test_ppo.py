@@ -1,4 +1,4 @@
-"""scratchlm.ppo (notebooks/06_alignment/06_ppo.ipynb): gae equals a direct sum over time steps of
+"""scratchlm.ppo (notebooks/06_alignment/04_ppo.ipynb): gae equals a direct sum over time steps of
 (gamma lam)^l delta_{t+l} with the value after the last step taken as zero (and its lam = 0 and lam = 1 ends);
 the clipped policy and value losses equal their per-token formulas on a batch where the clip acts; the per-token
 KL-penalised reward puts the score on the last answer token; a short seeded PPO run against the exact-match checker

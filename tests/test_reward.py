@@ -1,4 +1,4 @@
-"""scratchlm.reward (notebooks/06_alignment/05_reward_model.ipynb): reward_loss equals TRL 1.16's
+"""scratchlm.reward (notebooks/06_alignment/03_reward_model.ipynb): reward_loss equals TRL 1.16's
 RewardTrainer.compute_loss on the same batch (a random tiny LlamaForSequenceClassification and TRL's collator),
 with and without a margin column and with center_rewards_coefficient; the scalar-head GPT reads the GPT's own hidden
 states and the answer's last token; a few seeded ci-sized steps of reward-model training raise held-out pair
