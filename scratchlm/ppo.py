@@ -113,7 +113,7 @@ def learned_reward(reward_model: nn.Module):
 
 
 def checker_reward(ids, mask, answers, problems):
-    """A reward_fn for train_ppo: 1.0 for the correct sum, else 0.0 (the task's checker, notebook 04)."""
+    """A reward_fn for train_ppo: 1.0 for the correct sum, else 0.0 (the task's checker, exact_match_rewards)."""
     return exact_match_rewards(answers, problems, 1)
 
 

@@ -104,7 +104,7 @@ def train_reward_model(model: nn.Module, chosen: tuple[torch.Tensor, torch.Tenso
                        callback=None) -> list[dict[str, float]]:
     """`steps` AdamW steps (constant lr) of reward_loss on random batches of pairs; returns each step's metrics.
 
-    chosen, rejected: (ids, mask) with row i of each forming pair i (scratchlm.dpo.preference_pairs).
+    chosen, rejected: (ids, mask) with row i of each forming pair i (answer_pairs).
     desc: show a progress bar with that name. callback(step, model, metrics), if given, runs after each step.
     """
     if len(chosen[0]) != len(rejected[0]):
