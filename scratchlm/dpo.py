@@ -9,20 +9,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .arith import correct_answers, encode_examples, prompts, reversed_answers, token_logps
+from .arith import correct_answers, reversed_answers, token_logps
+from .reward import answer_pairs
 
 
 def preference_pairs(problems: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """The task's pairs: (chosen ids, mask) with the correct sums, (rejected ids, mask) with the reversed ones.
+    """The chapter's pairs: (chosen ids, mask) with the correct sums, (rejected ids, mask) with the reversed ones.
 
-    Palindromic sums are dropped (chosen == rejected). Both are padded to the same length, row i a pair.
+    Notebook 03's answer_pairs of the correct and the reversed answers: palindromic sums are dropped
+    (chosen == rejected), both are padded to the same length, row i a pair.
     """
-    chosen, rejected = correct_answers(problems), reversed_answers(problems)
-    keep = [i for i, (c, r) in enumerate(zip(chosen, rejected, strict=True)) if c != r]
-    all_prompts = prompts(problems)
-    texts = [all_prompts[i] for i in keep]
-    ids, mask = encode_examples(texts + texts, [chosen[i] for i in keep] + [rejected[i] for i in keep])
-    return (ids[: len(keep)], mask[: len(keep)]), (ids[len(keep) :], mask[len(keep) :])
+    return answer_pairs(problems, correct_answers(problems), reversed_answers(problems))
 
 # %% ../notebooks/06_alignment/05_dpo.ipynb #1e51d241
 LOSS_TYPES = ("sigmoid", "ipo", "robust")
