@@ -4,6 +4,11 @@ with use_bias_correction_kl=False (the paper's k3) and bf16=False; group advanta
 (Bessel's std + 1e-4); sampling masks end at the first EOS; clear errors. Seeded ci-profile runs: GRPO lifts
 held-out accuracy by more than 10 points over the noisy-SFT base (the ci model is smaller than the cpu profile's,
 so the margin asserted is smaller), and `python -m scratchlm align` writes the JSON table and reuses --base.
+GRPO's baselines: rejection_sampling_data keeps one copy of the correct answer for exactly the problems solved by
+at least one sample (counted here from the samples themselves), rft_loss's gradient equals grpo_loss's with the
+rewards as advantages (beta = 0, ratio 1), train_online_rft leaves a model that is never right unchanged (wrong
+answers have coefficient 0) and, from one that is sometimes right, raises the log-likelihood of the right answers
+it sampled; clear errors for bad counts.
 """
 
 import copy
@@ -15,7 +20,14 @@ import torch
 
 from scratchlm.arith import exact_match_rewards, sample_groups
 from scratchlm.dpo import hf_char_tokenizer
-from scratchlm.grpo import LOSS_TYPES, group_advantages, grpo_loss
+from scratchlm.grpo import (
+    LOSS_TYPES,
+    group_advantages,
+    grpo_loss,
+    rejection_sampling_data,
+    rft_loss,
+    train_online_rft,
+)
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +160,7 @@ def test_cli_align_writes_json_and_reuses_the_base(tmp_path, capsys):
     out, base = tmp_path / "table.json", tmp_path / "base"
     main(["align", "--method", "grpo", "--profile", "ci", "--seed", "0", "--base", str(base), "--json", str(out)])
     rows = json.loads(out.read_text())
-    assert [sorted(r) for r in rows] == [["accuracy_after", "accuracy_before", "method", "seconds"]]
+    assert [sorted(r) for r in rows] == [["accuracy_after", "accuracy_before", "method", "seconds", "seed"]]  # one seed: no mean
     assert rows[0]["method"] == "grpo" and 0 <= rows[0]["accuracy_before"] < rows[0]["accuracy_after"] <= 1
     assert (base / "model.safetensors").is_file()
     main(["align", "--method", "sft", "--profile", "ci", "--base", str(base), "--json", str(out)])
@@ -177,3 +189,112 @@ def test_mu_updates_per_batch_let_the_clip_act():
     assert all(m["completion_length"] >= 1 for m in three)
     with pytest.raises(ValueError, match="num_iterations"):
         train_grpo(base, base, problems, 1, num_iterations=0)
+
+
+@pytest.fixture(scope="module")
+def sometimes_right():
+    """A ci-size task model after 150 SFT steps on the correct answers: it samples the right sum part of the time."""
+    from scratchlm.arith import (
+        addition_split,
+        correct_answers,
+        encode_examples,
+        prompts,
+        task_config,
+        task_model,
+        train_sft,
+    )
+
+    cfg = task_config("ci")
+    split = addition_split()
+    model = task_model(cfg, seed=0)
+    train = split["train"]
+    train_sft(model, *encode_examples(prompts(train), correct_answers(train)), 150, 128, 3e-3, seed=0)
+    return model, split
+
+
+def test_rejection_sampling_keeps_one_correct_answer_per_solved_problem(sometimes_right, capsys):
+    from scratchlm.arith import EOS, PAD, TOKENIZER
+
+    model, split = sometimes_right
+    problems = split["test"][:300]
+    ids, mask = rejection_sampling_data(model, problems, samples_per_problem=4, generator=torch.Generator().manual_seed(3))
+    # the same draws (one chunk of < 1,024 problems, the same generator seed), checked here against the sums directly
+    _, _, answers = sample_groups(model, problems, 4, torch.Generator().manual_seed(3))
+    sums = [a + b for a, b in problems.tolist()]
+    solved = [s for i, s in enumerate(sums) if str(s) in answers[4 * i : 4 * i + 4]]
+    assert 0 < len(solved) < len(problems)  # the fixture's model is sometimes right, not always
+    assert ids.shape[0] == mask.shape[0] == len(solved)
+    assert f"{len(solved):,} of 300 problems had a correct answer among 4 samples" in capsys.readouterr().out
+    kept_prompts, kept_answers = [], []
+    for row, m in zip(ids.tolist(), mask.tolist(), strict=True):
+        text = TOKENIZER.decode([t for t in row if t != TOKENIZER.stoi[PAD]])
+        prompt, answer = text.split("=")
+        assert answer.endswith(EOS) and TOKENIZER.decode([t for t, keep in zip(row, m, strict=True) if keep]) == answer
+        a, b = map(int, prompt.split("+"))
+        assert answer[:-1] == str(a + b)  # every kept answer is correct
+        kept_prompts.append(prompt)
+        kept_answers.append(int(answer))
+    assert len(set(kept_prompts)) == len(kept_prompts)  # one copy per problem: duplicates are dropped
+    assert sorted(kept_answers) == sorted(solved)
+
+
+def test_rft_loss_gradient_is_grpo_with_the_reward_as_advantage():
+    g = torch.Generator().manual_seed(0)
+    logps = (-torch.rand(6, 5, generator=g) * 3).requires_grad_()
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    loss = rft_loss(logps, rewards, mask)
+    want = -sum(rewards[i] * sum(logps[i, t] for t in range(5) if mask[i, t]) / mask[i].sum() for i in range(6)) / 6
+    assert loss.item() == pytest.approx(want.item(), abs=1e-6)
+    (rft_grad,) = torch.autograd.grad(loss, logps)
+    (grpo_grad,) = torch.autograd.grad(grpo_loss(logps, logps.detach(), logps.detach(), rewards, mask, beta=0.0), logps)
+    torch.testing.assert_close(rft_grad, grpo_grad, atol=1e-7, rtol=0)
+    assert torch.all(rft_grad[rewards == 0] == 0)  # wrong answers: coefficient 0
+    assert torch.all(rft_grad[2] == -1 / (6 * 5))  # a right answer of 5 tokens: -1 / (N |o|) on each token
+
+
+def test_online_rft_ignores_wrong_answers_and_raises_right_ones(sometimes_right):
+    from scratchlm.arith import addition_split, task_config, task_model, token_logps
+
+    never_right = task_model(task_config("ci"), seed=0)  # untrained: it never samples a correct sum
+    before = copy.deepcopy(never_right.state_dict())
+    calls = []
+    history = train_online_rft(never_right, addition_split()["train"], 2, group_size=4, prompts_per_step=8, lr=1e-2,
+                               callback=lambda step, policy, metrics: calls.append((step, metrics["reward"])))
+    assert [h["reward"] for h in history] == [0.0, 0.0] and [c[0] for c in calls] == [1, 2]
+    assert all(torch.equal(before[k], v) for k, v in never_right.state_dict().items())  # no right answer, no change
+
+    # one step from a model that is sometimes right: the same prompts and samples, drawn here with the seed that
+    # train_online_rft uses, have right answers whose log-likelihood the step raises (an SFT step on them)
+    model, split = sometimes_right
+    policy, problems = copy.deepcopy(model), split["train"]
+    generator = torch.Generator().manual_seed(5)
+    batch = problems[torch.randint(len(problems), (16,), generator=generator)]
+    ids, mask, answers = sample_groups(policy, batch, 4, generator)
+    right = torch.tensor([a == str(x + y) for a, (x, y) in zip(answers, batch.repeat_interleave(4, 0).tolist(), strict=True)])
+    assert 0 < right.sum() < len(right)
+
+    def right_logp(m):
+        with torch.no_grad():
+            return token_logps(m, ids, mask).sum(-1)[right].mean().item()
+
+    before = right_logp(policy)
+    history = train_online_rft(policy, problems, 1, group_size=4, prompts_per_step=16, lr=1e-4, seed=5)
+    assert history[0]["reward"] == pytest.approx(right.float().mean().item())  # the same draws
+    assert right_logp(policy) > before
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, p: rejection_sampling_data(m, p, samples_per_problem=0), "samples_per_problem must be a positive integer"),
+    (lambda m, p: rejection_sampling_data(m, p, samples_per_problem=2.5), "samples_per_problem must be a positive integer"),
+    (lambda m, p: rejection_sampling_data(m, p[0], 4), r"must be a non-empty \(N, 2\)"),
+    (lambda m, p: rejection_sampling_data(m, p, 2), "no sampled answer was correct"),
+    (lambda m, p: train_online_rft(m, p, 1, group_size=0), "group_size must be a positive integer"),
+    (lambda m, p: train_online_rft(m, p, 1, prompts_per_step=0), "prompts_per_step must be a positive integer"),
+])
+def test_rft_bad_input(call, message):
+    from scratchlm.arith import addition_split, task_config, task_model
+
+    never_right = task_model(task_config("ci"), seed=0)  # untrained: it never samples a correct sum
+    with pytest.raises(ValueError, match=message):
+        call(never_right, addition_split()["test"][:8])
