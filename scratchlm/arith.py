@@ -4,7 +4,7 @@
 __all__ = ['TASK_CHARS', 'EOS', 'PAD', 'TOKENIZER', 'BASE_RECIPE', 'addition_split', 'prompts', 'correct_answers',
            'reversed_answers', 'noisy_answers', 'encode_examples', 'token_logps', 'answer_loss', 'TaskConfig',
            'task_config', 'task_model', 'train_sft', 'greedy_answers', 'accuracy', 'noisy_sft_data', 'train_base',
-           'save_base', 'load_base', 'base_folder', 'base_model', 'sample_groups', 'exact_match_rewards']
+           'save_base', 'load_base', 'base_folder', 'base_model', 'shown', 'sample_groups', 'exact_match_rewards']
 
 # %% ../notebooks/06_alignment/00_noisy_addition.ipynb #1756b59c
 import json
@@ -229,7 +229,7 @@ def base_model(seed: int = 0, profile: str | None = None, folder: str | Path | N
         if saved.get("seed") == seed and saved.get("recipe") == BASE_RECIPE and saved.get("sft_steps") == cfg.sft_steps:
             model, saved_cfg = load_base(folder)
             if saved_cfg == cfg:
-                print(f"base model, seed {seed}: loaded from {folder}")
+                print(f"base model, seed {seed}: loaded from {shown(folder)}")
                 return model, cfg
     start = time.perf_counter()
     model = train_base(cfg, seed=seed).eval()
@@ -240,8 +240,19 @@ def base_model(seed: int = 0, profile: str | None = None, folder: str | Path | N
         os.replace(temporary, folder)
     except OSError:  # another process saved the same model first
         shutil.rmtree(temporary, ignore_errors=True)
-    print(f"base model, seed {seed}: trained in {time.perf_counter() - start:.0f} s and saved in {folder}")
+    print(f"base model, seed {seed}: trained in {time.perf_counter() - start:.0f} s and saved in {shown(folder)}")
     return model, cfg
+
+
+def shown(folder: Path) -> str:
+    """A folder as messages name it: relative to the course folder when inside it (runs/alignment/...), else with ~ for
+    the home folder, so that outputs do not carry the author's paths."""
+    from scratchlm.data import _course_root
+
+    root = _course_root()
+    if root is not None and folder.resolve().is_relative_to(root.resolve()):
+        return str(folder.resolve().relative_to(root.resolve()))
+    return str(folder).replace(str(Path.home()), "~")
 
 
 # %% ../notebooks/06_alignment/00_noisy_addition.ipynb #47167dc0
