@@ -10,7 +10,7 @@ Run it in the course's virtualenv, which `make lab` created: `source .venv/bin/a
     python -m scratchlm train --out runs/shakespeare-char --resume
     torchrun --nproc_per_node=2 -m scratchlm train --model gpt --profile gpu --out runs/ddp   # data-parallel
     python -m scratchlm sample runs/shakespeare-char --prompt "ROMEO:" --max-new-tokens 300 --seed 1
-    python -m scratchlm align --method all --profile cpu --seed 0 --json runs/align.json
+    python -m scratchlm align --method all --profile cpu --seeds 0 1 2 --json runs/align.json
     python -m scratchlm chat      # a conversation in the terminal; Ctrl-D or `exit` ends it
     python -m scratchlm chat --prompt "What is the capital of France?" --temperature 0
 
@@ -36,6 +36,9 @@ from pathlib import Path
 # (notebook 04_llama/05_llama_vs_gpt) and chapter 05's DeepSeek with that Llama's active parameters
 # (notebook 05_deepseek/05_deepseek_v3); scratchlm.train.MODEL_REGISTRY says how to build each
 MODELS = ("gpt", "llama", "deepseek")
+# the rows of chapter 06's table, as scratchlm.align.METHODS lists them (tests/test_cli.py checks they agree)
+ALIGN_METHODS = ("sft", "sft_verified", "sft_chosen", "rft", "online_rft", "dpo", "cdpo", "ipo", "ppo", "ppo_checker",
+                 "grpo")
 
 
 def check_device(name: str) -> None:
@@ -251,12 +254,20 @@ def check_base(base: Path) -> None:
 
 
 def align(args: argparse.Namespace) -> None:
-    """Chapter 06: train the noisy-annotator base model (or load it), run alignment methods, print the table."""
+    """Chapter 06: for each seed, the noisy-annotator base model (loaded, or trained and saved), the methods, the table."""
     import json
     import time
 
     if args.lora is not None and args.lora <= 0:
         raise ValueError(f"--lora {args.lora}: the LoRA rank must be a positive integer")
+    seeds = args.seeds if args.seeds is not None else [0 if args.seed is None else args.seed]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {' '.join(map(str, seeds))}: a seed is repeated; give each seed once")
+    if args.seeds is not None and args.seed is not None:
+        raise ValueError("give --seed S or --seeds S1 S2 ..., not both")
+    if args.base and len(seeds) > 1:
+        raise ValueError(f"--base holds one seed's base model, and --seeds gave {len(seeds)}; drop --base (each seed's "
+                         f"base is then kept in runs/alignment/, where notebook 00 saves them) or give one --seed")
     if args.base:  # before any training: a --base that cannot be used would fail only after it
         check_base(Path(args.base))
     if args.json and Path(args.json).is_dir():
@@ -266,31 +277,41 @@ def align(args: argparse.Namespace) -> None:
         raise ValueError(f"--json {args.json}: {existing_ancestor(Path(args.json).parent)} is a file, so the table "
                          f"cannot be written there")
 
-    from scratchlm.align import METHODS, format_table, run_method
-    from scratchlm.arith import accuracy, addition_split, load_base, save_base, task_config, train_base
+    from scratchlm.align import METHODS, format_table, run_method, summarize
+    from scratchlm.arith import accuracy, addition_split, base_model, load_base, save_base, task_config, train_base
     from scratchlm.data import get_profile
 
     profile = args.profile or get_profile()
     split = addition_split()
-    if args.base and all((Path(args.base) / name).is_file() for name in BASE_FILES):
-        base, cfg = load_base(args.base)
-        print(f"base model loaded from {args.base}: held-out accuracy {accuracy(base, split['test']):.1%}")
-    else:
-        cfg = task_config(profile)
-        start = time.perf_counter()
-        base = train_base(cfg, seed=args.seed, split=split)
-        print(f"profile {profile}, seed {args.seed}: base model (SFT on noisy data, {cfg.sft_steps} steps) trained in "
-              f"{time.perf_counter() - start:.0f} s; held-out accuracy {accuracy(base, split['test']):.1%}")
-        if args.base:
-            save_base(base, cfg, args.base, seed=args.seed)
-            print(f"base model saved in {args.base} (reuse it with --base {args.base})")
     methods = METHODS if args.method == "all" else (args.method,)
-    rows = [run_method(m, base, cfg, split, seed=args.seed, lora_rank=args.lora, profile=profile) for m in methods]
+    rows = []
+    for seed in seeds:
+        if args.base and all((Path(args.base) / name).is_file() for name in BASE_FILES):
+            base, cfg = load_base(args.base)
+            print(f"base model loaded from {args.base}")
+        elif args.base:
+            cfg = task_config(profile)
+            start = time.perf_counter()
+            base = train_base(cfg, seed=seed, split=split)
+            print(f"profile {profile}, seed {seed}: base model (SFT on noisy data, {cfg.sft_steps} steps) trained in "
+                  f"{time.perf_counter() - start:.0f} s")
+            save_base(base, cfg, args.base, seed=seed)
+            print(f"base model saved in {args.base} (reuse it with --base {args.base})")
+        else:
+            base, cfg = base_model(seed, profile)
+        print(f"profile {profile}, seed {seed}: base model's held-out accuracy {accuracy(base, split['test']):.1%}")
+        rows += [run_method(m, base, cfg, split, seed=seed, lora_rank=args.lora, profile=profile) for m in methods]
     print(format_table(rows))
+    summary = summarize(rows)
+    if len(seeds) > 1:
+        print(format_table(summary))
     if args.json:
-        keys = ("method", "accuracy_before", "accuracy_after", "seconds")
+        keys = ("method", "seed", "accuracy_before", "accuracy_after", "seconds")
+        means = [{"method": s["method"], "seed": "mean", "seeds": s["seeds"], "accuracy_before": s["accuracy_before"],
+                  "accuracy_after": s["accuracy_after"], "accuracy_after_min": s["min"], "accuracy_after_max": s["max"],
+                  "seconds": s["seconds"]} for s in summary] if len(seeds) > 1 else []
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps([{k: row[k] for k in keys} for row in rows], indent=1))
+        Path(args.json).write_text(json.dumps([{k: row[k] for k in keys} for row in rows] + means, indent=1))
         print(f"table written to {args.json}")
 
 
@@ -473,14 +494,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="cpu, cuda, ...; none given: cuda when available")
     s.set_defaults(run=sample)
 
-    a = commands.add_parser("align", help="chapter 06: SFT control, DPO, cDPO, IPO, GRPO on the noisy-addition task",
+    a = commands.add_parser("align", help="chapter 06: every alignment method on the noisy-addition task, the table",
                             formatter_class=defaults)
-    a.add_argument("--method", default="all", choices=("sft", "dpo", "cdpo", "ipo", "grpo", "all"),
-                   help="which method (sft: the more-SFT control)")
+    a.add_argument("--method", default="all", choices=ALIGN_METHODS + ("all",),
+                   help="which row of chapter 06's table (sft: the more-SFT control; sft_verified: the upper bar)")
     a.add_argument("--lora", type=int, metavar="R", help="train LoRA adapters of rank R instead of every weight")
     a.add_argument("--profile", choices=("ci", "cpu", "gpu"),
                    help="run size; none given: SCRATCHLM_PROFILE, else gpu with CUDA and cpu without")
-    a.add_argument("--seed", type=int, default=0, help="seed of the base model, its noisy data and each method")
+    a.add_argument("--seed", type=int, help="seed of the base model, its noisy data and each method (default 0)")
+    a.add_argument("--seeds", type=int, nargs="+", metavar="S", help="several seeds, e.g. --seeds 0 1 2: one row per "
+                   "method and seed, then each method's mean and min-max (the JSON adds a row with seed \"mean\")")
     a.add_argument("--base", metavar="DIR", help="load the base model from DIR; if DIR is empty or new, train one and save it there")
     a.add_argument("--json", metavar="FILE", help="also write the table as a JSON list of objects")
     a.set_defaults(run=align)

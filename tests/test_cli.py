@@ -526,3 +526,40 @@ def test_chat_help_shows_defaults_without_loading_torch(capsys):
             "    print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m == 'scratchlm.gguf'))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.splitlines()[-1] == "[]", result.stderr
+
+
+def test_align_methods_are_the_tables_rows():
+    from scratchlm.__main__ import ALIGN_METHODS
+    from scratchlm.align import METHODS
+
+    assert ALIGN_METHODS == METHODS
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "0", "0"], "a seed is repeated"),
+    (["--seed", "1", "--seeds", "0", "2"], "not both"),
+    (["--seeds", "0", "1", "--base", "somewhere"], "--base holds one seed's base model"),
+])
+def test_align_seed_options_are_checked_before_training(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr("scratchlm.arith.train_sft", fail_if_called("training the base model"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["align", "--profile", "ci", *argv])
+    assert exit_.value.code == 2 and message in one_error_line(capsys, "align")
+
+
+def test_align_seeds_write_one_row_per_method_and_seed_and_the_mean(tmp_path, monkeypatch):
+    """--seeds 0 1: each seed's base is made by base_model (kept in a test folder here), and the JSON holds a row per
+    method and seed, with the keys the README names, then the mean with its min and max."""
+    from scratchlm import arith
+
+    monkeypatch.setattr(arith, "base_folder", lambda profile=None, seed=0: tmp_path / f"base-{profile}-seed{seed}")
+    monkeypatch.setattr(arith, "task_config", lambda profile=None: arith.TaskConfig(sft_steps=20))
+    out = tmp_path / "table.json"
+    main(["align", "--method", "ipo", "--profile", "ci", "--seeds", "0", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert [(r["method"], r["seed"]) for r in rows] == [("ipo", 0), ("ipo", 1), ("ipo", "mean")]
+    assert all({"method", "seed", "accuracy_before", "accuracy_after", "seconds"} <= set(r) for r in rows)
+    mean = rows[-1]
+    assert mean["accuracy_after"] == pytest.approx((rows[0]["accuracy_after"] + rows[1]["accuracy_after"]) / 2)
+    assert mean["accuracy_after_min"] <= mean["accuracy_after"] <= mean["accuracy_after_max"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base-ci-seed0", "base-ci-seed1", "table.json"]
