@@ -58,9 +58,10 @@ def run_method(method: str, base: nn.Module, cfg: TaskConfig, split: dict, seed:
     """Train a copy of `base` with one of METHODS and score its FINAL model; return its row.
 
     The row: method, seed, accuracy_before, accuracy_after (greedy exact match on split["test"]), seconds (CPU seconds
-    of training, sampling and any reward model included, evaluation excluded). curve_points > 0 adds "curve": that
-    many (seconds, val accuracy) points, from the start to the final model (val, not test: the curves are for
-    reading budgets, and the table's one number stays the test accuracy of the final model). lora_rank: LoRA
+    of training, sampling and any reward model included, evaluation excluded). curve_points > 0 adds "curve":
+    curve_points + 1 (seconds, val accuracy) points, the base model's, then one every steps // curve_points steps, the
+    last one the final model's (val, not test: the curves are for reading budgets, and the table's one number stays
+    the test accuracy of the final model). lora_rank: LoRA
     adapters on c_attn, c_proj, c_fc instead of every weight (lr x LORA_LR_FACTOR). accuracy_before: the base's test
     accuracy, if already measured (it is the same for every method of a seed).
     """
