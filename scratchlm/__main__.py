@@ -270,6 +270,11 @@ def align(args: argparse.Namespace) -> None:
                          f"base is then kept in runs/alignment/, where notebook 00 saves them) or give one --seed")
     if args.base:  # before any training: a --base that cannot be used would fail only after it
         check_base(Path(args.base))
+        saved = Path(args.base) / "task_config.json"
+        saved_seed = json.loads(saved.read_text()).get("seed") if saved.is_file() else None
+        if saved_seed is not None and saved_seed != seeds[0]:
+            raise ValueError(f"--base {args.base} holds the base model of seed {saved_seed}, not of seed {seeds[0]}; give "
+                             f"--seed {saved_seed}, or another folder for seed {seeds[0]}")
     if args.json and Path(args.json).is_dir():
         raise ValueError(f"--json {args.json} is a folder; --json wants a file name, e.g. "
                          f"{Path(args.json) / 'align.json'}")

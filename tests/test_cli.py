@@ -563,3 +563,14 @@ def test_align_seeds_write_one_row_per_method_and_seed_and_the_mean(tmp_path, mo
     assert mean["accuracy_after"] == pytest.approx((rows[0]["accuracy_after"] + rows[1]["accuracy_after"]) / 2)
     assert mean["accuracy_after_min"] <= mean["accuracy_after"] <= mean["accuracy_after_max"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base-ci-seed0", "base-ci-seed1", "table.json"]
+
+
+def test_align_base_of_another_seed_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    """A --base folder records the seed it was trained with; asking for another seed would label its rows wrongly."""
+    from scratchlm.arith import save_base, task_config, task_model
+
+    save_base(task_model(task_config("ci"), seed=1), task_config("ci"), tmp_path / "base", seed=1)
+    monkeypatch.setattr("scratchlm.align.run_method", fail_if_called("an alignment method"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["align", "--base", str(tmp_path / "base"), "--seed", "2", "--profile", "ci"])
+    assert exit_.value.code == 2 and "holds the base model of seed 1, not of seed 2" in one_error_line(capsys, "align")
