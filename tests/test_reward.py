@@ -148,7 +148,10 @@ def test_answer_pairs_are_the_two_answers_of_each_problem():
 
 
 def test_training_raises_held_out_pair_accuracy():
-    """Seeded, ci sizes: a base model of 300 SFT steps, then 30 reward-model steps; pair accuracy on test pairs."""
+    """Seeded, ci sizes: a base model of 300 SFT steps, then 60 reward-model steps; pair accuracy on test pairs.
+
+    The untrained head's accuracy is a random projection's (0.30-0.74 over head seeds 0-2 and CPU kernels); after 60
+    steps it measured 0.966-0.970 with head seed 0 (ATEN_CPU_CAPABILITY default and avx512, one thread)."""
     split = addition_split()
     cfg = task_config("ci")
     base = task_model(cfg, seed=0)  # a weak base model is enough: 300 SFT steps
@@ -159,9 +162,9 @@ def test_training_raises_held_out_pair_accuracy():
     test_pairs = answer_pairs(test, correct_answers(test), reversed_answers(test))
     before = pair_accuracy(model, *test_pairs)
     train = split["train"]
-    history = train_reward_model(model, *answer_pairs(train, correct_answers(train), reversed_answers(train)), 30, seed=0)
+    history = train_reward_model(model, *answer_pairs(train, correct_answers(train), reversed_answers(train)), 60, seed=0)
     after = pair_accuracy(model, *test_pairs)
-    assert len(history) == 30 and set(history[0]) == {"loss", "accuracy", "margin"}
-    assert after > 0.75 and after > before + 0.2, (before, after)
+    assert len(history) == 60 and set(history[0]) == {"loss", "accuracy", "margin"}
+    assert after > 0.9 and after > before + 0.15, (before, after)
     with pytest.raises(ValueError, match="one of each per pair"):
         train_reward_model(model, test_pairs[0], (test_pairs[1][0][:3], test_pairs[1][1][:3]), 1)
