@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scratchlm.dpo import dpo_loss, dpo_metrics, flip_pairs, hf_char_tokenizer, preference_pairs, train_dpo
+from scratchlm.dpo import dpo_loss, dpo_metrics, flip_pairs, preference_pairs, train_dpo
+from scratchlm.reward import hf_char_tokenizer
 
 
 def reference_preference_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,

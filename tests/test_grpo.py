@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from scratchlm.arith import exact_match_rewards, sample_groups
-from scratchlm.dpo import hf_char_tokenizer
 from scratchlm.grpo import (
     LOSS_TYPES,
     group_advantages,
@@ -28,6 +27,7 @@ from scratchlm.grpo import (
     rft_loss,
     train_online_rft,
 )
+from scratchlm.reward import hf_char_tokenizer
 
 
 @pytest.fixture(scope="module")

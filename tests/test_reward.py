@@ -45,7 +45,7 @@ def trl_case():
     from transformers import LlamaConfig, LlamaForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
-    from scratchlm.dpo import hf_char_tokenizer
+    from scratchlm.reward import hf_char_tokenizer
 
     warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
     datasets.disable_progress_bars()
