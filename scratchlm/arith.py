@@ -224,13 +224,10 @@ def base_model(seed: int = 0, profile: str | None = None, folder: str | Path | N
     saved it there, else trained with train_base (a minute at cpu), saved, and returned. Prints which."""
     cfg = task_config(profile)
     folder = Path(folder) if folder is not None else base_folder(profile, seed)
-    if (folder / "task_config.json").is_file():
-        saved = json.loads((folder / "task_config.json").read_text())
-        if saved.get("seed") == seed and saved.get("recipe") == BASE_RECIPE and saved.get("sft_steps") == cfg.sft_steps:
-            model, saved_cfg = load_base(folder)
-            if saved_cfg == cfg:
-                print(f"base model, seed {seed}: loaded from {shown(folder)}")
-                return model, cfg
+    wanted = {**asdict(cfg), "seed": seed, "recipe": BASE_RECIPE}  # what save_base writes for this base
+    if (folder / "task_config.json").is_file() and json.loads((folder / "task_config.json").read_text()) == wanted:
+        print(f"base model, seed {seed}: loaded from {shown(folder)}")
+        return load_base(folder)[0], cfg
     start = time.perf_counter()
     model = train_base(cfg, seed=seed).eval()
     temporary = folder.with_name(f"{folder.name}.tmp{os.getpid()}")  # two processes may train it at once
