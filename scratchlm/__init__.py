@@ -21,7 +21,8 @@ _ENTRY_POINTS = {
 # (`from_hf` imports them all before it looks up a checkpoint's `model_type`), and trainable models in
 # `scratchlm.train.MODEL_REGISTRY` (`build_model` imports them when it meets a name it does not know).
 # A chapter that adds a model adds its module here.
-MODEL_MODULES = ("scratchlm.gpt", "scratchlm.llama", "scratchlm.char_llama", "scratchlm.moe", "scratchlm.deepseek")
+MODEL_MODULES = ("scratchlm.gpt", "scratchlm.llama", "scratchlm.char_llama", "scratchlm.moe", "scratchlm.deepseek",
+                 "scratchlm.bert")
 
 __all__ = sorted(_ENTRY_POINTS)
 

@@ -34,7 +34,8 @@ EXERCISE = re.compile(r"^(?:#\s*|\*\*)?Solution to exercises?\s+(\d+(?:(?:, | an
 WIDGET_REPR = re.compile(r"^\w+\(")  # "interactive(children=(...", "HBox(children=(...", "IntProgress(value=0"
 # a chapter's folder is "NN_name"; the names read better spelled out
 CHAPTER_NAMES = {"tokenizer": "Tokenizers", "attention": "Attention", "gpt": "GPT-2", "llama": "The Llama family",
-                 "deepseek": "DeepSeek: mixture of experts and latent attention", "alignment": "Alignment"}
+                 "deepseek": "DeepSeek: mixture of experts and latent attention", "alignment": "Alignment",
+                 "encoders": "Encoders and encoder–decoders"}
 
 
 @dataclass
