@@ -15,6 +15,7 @@ _ENTRY_POINTS = {
     "from_hf": "scratchlm.gpt",
     "from_gguf": "scratchlm.gguf",
     "generate": "scratchlm.generation",
+    "generate_seq2seq": "scratchlm.seq2seq",
 }
 
 # modules that register models: Hugging Face architectures with `scratchlm.gpt.register_architecture`
@@ -22,7 +23,7 @@ _ENTRY_POINTS = {
 # `scratchlm.train.MODEL_REGISTRY` (`build_model` imports them when it meets a name it does not know).
 # A chapter that adds a model adds its module here.
 MODEL_MODULES = ("scratchlm.gpt", "scratchlm.llama", "scratchlm.char_llama", "scratchlm.moe", "scratchlm.deepseek",
-                 "scratchlm.bert")
+                 "scratchlm.bert", "scratchlm.seq2seq")
 
 __all__ = sorted(_ENTRY_POINTS)
 

@@ -1,5 +1,5 @@
 """The scratchlm command line: train a chapter model on TinyShakespeare, sample from a checkpoint, align (chapter 06),
-chat with a real model (SmolLM2-135M-Instruct, chapter 04).
+chat with a real model (SmolLM2-135M-Instruct, chapter 04), train and run chapter 07's number-to-words T5.
 
 Run it in the course's virtualenv, which `make lab` created: `source .venv/bin/activate` first (then
 `python` and `torchrun` below are the ones in .venv), or write `.venv/bin/python -m scratchlm ...`.
@@ -10,6 +10,8 @@ Run it in the course's virtualenv, which `make lab` created: `source .venv/bin/a
     python -m scratchlm train --out runs/shakespeare-char --resume
     torchrun --nproc_per_node=2 -m scratchlm train --model gpt --profile gpu --out runs/ddp   # data-parallel
     python -m scratchlm sample runs/shakespeare-char --prompt "ROMEO:" --max-new-tokens 300 --seed 1
+    python -m scratchlm train --model t5 --profile cpu --out runs/t5-numbers   # number-to-words (chapter 07)
+    python -m scratchlm sample runs/t5-numbers --prompt "4096" --num-beams 4     # four thousand ninety-six
     python -m scratchlm align --method all --profile cpu --seeds 0 1 2 --json runs/align.json
     python -m scratchlm chat      # a conversation in the terminal; Ctrl-D or `exit` ends it
     python -m scratchlm chat --prompt "What is the capital of France?" --temperature 0
@@ -23,6 +25,12 @@ processes (NCCL on CUDA, gloo on CPU; section 10 of 03_training). `chat` talks w
 read from its GGUF file as notebook 04_llama/07_a_real_model does (`make lab` installs the file); with
 --prompt it prints the one answer alone, for scripts. `python -m scratchlm COMMAND --help` lists each
 command's options.
+
+`train --model t5` is different: it trains notebook 07_encoders/03's encoder-decoder (`scratchlm.seq2seq.
+train_translator` at the profile's `translator_config`, the notebook's settings) to write numbers from 0 to
+999,999 in words, prints its exact match on the held-out numbers, and saves a Hugging Face T5 folder
+(config.json, model.safetensors) with its characters (tokenizer.json). `sample` on that folder translates
+--prompt, greedily or with --num-beams; a t5 run has no --resume, --stop-at, --compile or torchrun.
 """
 # (for maintainers: this module is hand-written, it has no notebook)
 
@@ -34,8 +42,9 @@ from pathlib import Path
 
 # the models the command line can train: chapter 03's GPT, chapter 04's Llama of the same size
 # (notebook 04_llama/05_llama_vs_gpt) and chapter 05's DeepSeek with that Llama's active parameters
-# (notebook 05_deepseek/05_deepseek_v3); scratchlm.train.MODEL_REGISTRY says how to build each
-MODELS = ("gpt", "llama", "deepseek")
+# (notebook 05_deepseek/05_deepseek_v3), scratchlm.train.MODEL_REGISTRY says how to build each; and chapter 07's
+# T5 (notebook 07_encoders/03_encoder_decoder), trained on number-to-words by scratchlm.seq2seq, not on Shakespeare
+MODELS = ("gpt", "llama", "deepseek", "t5")
 # the rows of chapter 06's table, as scratchlm.align.METHODS lists them (tests/test_cli.py checks they agree)
 ALIGN_METHODS = ("sft", "sft_verified", "sft_chosen", "rft", "online_rft", "dpo", "cdpo", "ipo", "ppo", "ppo_checker",
                  "grpo")
@@ -97,6 +106,9 @@ def check_folder_to_write(option: str, path: Path, purpose: str) -> None:
 
 def train(args: argparse.Namespace) -> None:
     check_folder_to_write("--out", Path(args.out), "training writes its checkpoints there")
+    if args.model == "t5":
+        train_t5(args)
+        return
     from scratchlm.train import start_data_parallel, stop_data_parallel
 
     # under torchrun with several processes: join their group first (NCCL on CUDA, gloo on CPU)
@@ -105,6 +117,94 @@ def train(args: argparse.Namespace) -> None:
         _train(args, device)
     finally:
         stop_data_parallel()
+
+
+def check_t5_train_args(args: argparse.Namespace) -> None:
+    """Refuse the options of Shakespeare training that the number-to-words T5 does not have, before any work."""
+    refused = [(args.resume, "--resume"), (args.stop_at is not None, "--stop-at"), (args.compile is not None, "--compile")]
+    for given, option in refused:
+        if given:
+            raise ValueError(f"{option} does not apply to --model t5: its run (a few minutes at cpu) has no "
+                             f"intermediate checkpoints; drop {option}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--model t5 trains in one process; run it with `python -m scratchlm`, not torchrun")
+    for option, value in (("--steps", args.steps), ("--warmup", args.warmup)):
+        if value is not None and value < (1 if option == "--steps" else 0):
+            raise ValueError(f"{option} {value}: must be {'at least 1' if option == '--steps' else '>= 0'}")
+    out = Path(args.out)
+    if (out / "config.json").is_file() or (out / "model.safetensors").is_file():
+        raise FileExistsError(f"{out} already holds a checkpoint; choose another --out (a t5 run cannot be resumed)")
+
+
+def train_t5(args: argparse.Namespace) -> None:
+    """Chapter 07: the number-to-words T5 at the profile, its held-out exact match, a checkpoint folder."""
+    check_t5_train_args(args)
+    import time
+
+    from scratchlm.data import get_profile
+    from scratchlm.seq2seq import (Seq2SeqTokenizer, exact_match, number_words_split, save_translator,
+                                   train_translator, translator_config)
+
+    profile = args.profile or get_profile()
+    config, train_config = translator_config(profile)
+    overrides = {}
+    if args.steps is not None:
+        overrides["max_steps"] = args.steps
+        if args.warmup is None:  # keep the profile's warmup fraction, as for the other models
+            overrides["warmup_steps"] = round(train_config.warmup_steps * args.steps / train_config.max_steps)
+    if args.warmup is not None:
+        overrides["warmup_steps"] = args.warmup
+    if args.device is not None:
+        overrides["device"] = args.device
+    train_config = replace(train_config, **overrides)
+    split = number_words_split(seed=0, profile=profile)
+    tokenizer = Seq2SeqTokenizer()
+    print(f"profile {profile}: t5 (number to words) with {len(split['train']):,} training pairs, "
+          f"{len(split['test']):,} held-out; {config.num_layers}+{config.num_decoder_layers} layers, width "
+          f"{config.d_model}, {config.feed_forward_proj}; {train_config.max_steps} steps of {train_config.batch_size}")
+    start = time.perf_counter()
+    model, history = train_translator(split, config, train_config, seed=0, tokenizer=tokenizer,
+                                      progress_bar=not args.quiet)
+    seconds = time.perf_counter() - start
+    accuracy, _ = exact_match(model, split["test"], tokenizer)
+    save_translator(model, args.out, tokenizer, metadata={
+        "profile": profile, "steps": train_config.max_steps, "seconds": round(seconds, 1),
+        "val_loss": history["val_loss"][-1], "test_exact_match_greedy": accuracy, "n_test": len(split["test"])})
+    print(f"trained in {seconds:.0f} s: val loss {history['val_loss'][-1]:.4f}; held-out exact match (greedy) "
+          f"{accuracy:.1%} of {len(split['test']):,}; checkpoint in {args.out}")
+    print(f"translate with it: python -m scratchlm sample {args.out} --prompt 4096")
+
+
+def is_t5_checkpoint(folder: Path) -> bool:
+    """A folder written by `train --model t5` (scratchlm.seq2seq.save_translator)."""
+    import json
+
+    config = folder / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "t5"
+
+
+def sample_t5(args: argparse.Namespace) -> None:
+    """Translate --prompt (digits) with a number-to-words T5 checkpoint, greedily or with --num-beams."""
+    for option, value in (("--top-k", args.top_k), ("--top-p", args.top_p)):
+        if value is not None:
+            raise ValueError(f"{option} does not apply to a t5 checkpoint: it decodes greedily or with --num-beams; "
+                             f"drop {option}")
+    if args.temperature not in (0.0, 0.8):
+        raise ValueError(f"--temperature {args.temperature} does not apply to a t5 checkpoint: it decodes greedily or "
+                         f"with --num-beams; drop --temperature")
+    prompt = args.prompt.strip().replace(",", "").replace("_", "")
+    if not prompt.isdigit() or not prompt.isascii():
+        raise ValueError(f"--prompt {args.prompt!r}: a t5 number-to-words checkpoint translates a whole number written "
+                         f"in digits, 0 to 999999 (e.g. --prompt 4096)")
+    if int(prompt) > 999_999:
+        raise ValueError(f"--prompt {args.prompt}: the model was trained on 0 to 999,999; give a smaller number")
+    prompt = str(int(prompt))  # "007" -> "7", as the training pairs are written
+    from scratchlm.seq2seq import load_translator, translate
+    from scratchlm.train import resolve_device
+
+    model, tokenizer = load_translator(args.checkpoint)
+    model.to(resolve_device(args.device or "auto"))
+    print(translate(model, [prompt], tokenizer, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)[0])
 
 
 # a model config's size, in a few words: (keys in the GPT's config, the Llama's and DeepSeek's, words)
@@ -213,6 +313,14 @@ def _train(args: argparse.Namespace, parallel_device: str | None) -> None:
 def sample(args: argparse.Namespace) -> None:
     import torch
 
+    if args.num_beams < 1 or args.max_new_tokens < 1:
+        raise ValueError(f"--num-beams {args.num_beams} and --max-new-tokens {args.max_new_tokens} must be at least 1")
+    if is_t5_checkpoint(Path(args.checkpoint)):
+        sample_t5(args)
+        return
+    if args.num_beams != 1:
+        raise ValueError(f"--num-beams {args.num_beams}: beam search is for t5 checkpoints (chapter 07); "
+                         f"{args.checkpoint} holds a language model, which samples: drop --num-beams")
     from scratchlm.generation import generate
     from scratchlm.train import load_model, load_tokenizer, resolve_device
 
@@ -468,8 +576,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,align,chat}")
 
     defaults = HelpWithDefaults
-    t = commands.add_parser("train", help="train a model on TinyShakespeare (characters)", formatter_class=defaults)
-    t.add_argument("--model", default="gpt", choices=MODELS, help="which chapter's model")
+    t = commands.add_parser("train", help="train a model on TinyShakespeare (characters), or chapter 07's T5 on "
+                            "number-to-words", formatter_class=defaults)
+    t.add_argument("--model", default="gpt", choices=MODELS, help="which chapter's model (t5: chapter 07's "
+                   "encoder-decoder, trained to write numbers in words)")
     t.add_argument("--profile", choices=("ci", "cpu", "gpu"),
                    help="run size; none given: SCRATCHLM_PROFILE, else gpu with CUDA and cpu without")
     t.add_argument("--out", required=True, help="checkpoint folder to write (and to read with --resume)")
@@ -486,9 +596,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(run=train)
 
-    s = commands.add_parser("sample", help="generate text from a checkpoint folder", formatter_class=defaults)
+    s = commands.add_parser("sample", help="generate text from a checkpoint folder (a t5 one translates a number)",
+                            formatter_class=defaults)
     s.add_argument("checkpoint", help="checkpoint folder written by `scratchlm train`")
-    s.add_argument("--prompt", default="\\n", help="text to continue; \\n is a newline")
+    s.add_argument("--prompt", default="\\n", help="text to continue; \\n is a newline (a t5 checkpoint: the "
+                   "number to write in words, e.g. 4096)")
     s.add_argument("--max-new-tokens", type=int, default=500, help="how many tokens (characters) to add")
     s.add_argument("--temperature", type=float, default=0.8, help="0 is greedy; higher is more varied")
     s.add_argument("--top-k", type=int, default=None,
@@ -496,6 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float, default=None,
                    help="sample from the smallest set of tokens whose probability reaches p; none given: off")
     s.add_argument("--seed", type=int, default=1337, help="random seed: the same seed gives the same text")
+    s.add_argument("--num-beams", type=int, default=1, help="t5 checkpoints only: beam search with this many beams "
+                   "(1 is greedy); a t5 checkpoint never samples, so --temperature, --top-k and --top-p do not apply")
     s.add_argument("--device", help="cpu, cuda, ...; none given: cuda when available")
     s.set_defaults(run=sample)
 

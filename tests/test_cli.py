@@ -574,3 +574,84 @@ def test_align_base_of_another_seed_is_refused_before_training(tmp_path, capsys,
     with pytest.raises(SystemExit) as exit_:
         main(["align", "--base", str(tmp_path / "base"), "--seed", "2", "--profile", "ci"])
     assert exit_.value.code == 2 and "holds the base model of seed 1, not of seed 2" in one_error_line(capsys, "align")
+
+
+# chapter 07: the number-to-words T5 (scratchlm.seq2seq)
+
+@pytest.fixture(scope="module")
+def t5_trained(tmp_path_factory):
+    """A ci-profile `train --model t5` run, in a subprocess."""
+    out = tmp_path_factory.mktemp("cli-t5") / "t5"
+    result = run_cli("train", "--model", "t5", "--profile", "ci", "--out", str(out), "--quiet")
+    return out, result
+
+
+def test_t5_trains_saves_a_transformers_checkpoint_and_reports_exact_match(t5_trained):
+    from transformers import T5ForConditionalGeneration
+
+    from scratchlm.seq2seq import T5, load_translator
+
+    out, result = t5_trained
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                     "training.json"]
+    assert json.loads((out / "config.json").read_text())["model_type"] == "t5"
+    metrics = json.loads((out / "training.json").read_text())
+    assert metrics["profile"] == "ci" and metrics["steps"] == 40 and metrics["n_test"] == 200
+    assert f"held-out exact match (greedy) {metrics['test_exact_match_greedy']:.1%} of 200" in result.stdout
+    model, tokenizer = load_translator(out)
+    assert isinstance(model, T5) and tokenizer.vocab_size == model.config.vocab_size
+    assert T5ForConditionalGeneration.from_pretrained(out).config.d_model == model.config.d_model
+
+
+def test_t5_sample_translates_greedily_and_with_beams(t5_trained, capsys):
+    from scratchlm.seq2seq import load_translator, translate
+
+    out, _ = t5_trained
+    model, tokenizer = load_translator(out)
+    text = run_cli("sample", str(out), "--prompt", "4096").stdout
+    assert text == translate(model, ["4096"], tokenizer, max_new_tokens=500)[0] + "\n"
+    main(["sample", str(out), "--prompt", "4,096", "--num-beams", "3", "--max-new-tokens", "20"])
+    assert capsys.readouterr().out == translate(model, ["4096"], tokenizer, num_beams=3, max_new_tokens=20)[0] + "\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--resume"], "--resume does not apply to --model t5"),
+    (["--stop-at", "5"], "--stop-at does not apply to --model t5"),
+    (["--compile"], "--compile does not apply to --model t5"),
+    (["--steps", "0"], "--steps 0: must be at least 1"),
+])
+def test_t5_train_refuses_options_it_does_not_have_before_training(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--model", "t5", "--profile", "ci", "--out", str(tmp_path / "t5"), *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "t5").exists()
+
+
+def test_t5_train_refuses_an_out_that_holds_a_checkpoint(t5_trained, capsys):
+    out, _ = t5_trained
+    with pytest.raises(SystemExit):
+        main(["train", "--model", "t5", "--profile", "ci", "--out", str(out)])
+    assert "already holds a checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt", "12a"], "a whole number written in digits"),
+    (["--prompt", "1000000"], "trained on 0 to 999,999"),
+    (["--prompt", "-5"], "a whole number written in digits"),
+    (["--prompt", "12", "--top-k", "5"], "--top-k does not apply to a t5 checkpoint"),
+    (["--prompt", "12", "--temperature", "1.5"], "--temperature 1.5 does not apply to a t5 checkpoint"),
+    (["--prompt", "12", "--num-beams", "0"], "--num-beams 0"),
+])
+def test_t5_sample_bad_options_are_one_line(argv, message, t5_trained, capsys):
+    out, _ = t5_trained
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", str(out), *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_num_beams_on_a_language_model_checkpoint_is_refused(trained, capsys):
+    out, _ = trained
+    with pytest.raises(SystemExit):
+        main(["sample", str(out), "--num-beams", "2"])
+    assert "beam search is for t5 checkpoints" in capsys.readouterr().err
