@@ -237,8 +237,8 @@ def test_load_checked_lists_at_most_ten_then_counts():
 
 
 def test_unknown_model_type_lists_supported(tmp_path, tiny_checkpoint):
-    folder = copy_checkpoint(tiny_checkpoint[0], tmp_path / "bert", config={"model_type": "bert"})
-    with pytest.raises(ValueError, match=r"model_type='bert'.*supported: .*gpt2"):
+    folder = copy_checkpoint(tiny_checkpoint[0], tmp_path / "mamba", config={"model_type": "mamba"})
+    with pytest.raises(ValueError, match=r"model_type='mamba'.*supported: .*gpt2"):
         from_hf(folder)
 
 
