@@ -2,9 +2,10 @@
 
 # %% auto #0
 __all__ = ['DISPATCHES', 'TopKRouter', 'expert_ffn', 'dispatch_loop', 'expert_positions', 'dispatch_sorted', 'dispatch_grouped',
-           'grouped_mm_usable', 'Experts', 'SparseMoE', 'load_balancing_loss', 'router_z_loss', 'expert_capacity',
-           'Qwen3MoeConfig', 'Qwen3MoeBlock', 'init_moe_weights', 'Qwen3Moe', 'stack_expert_tensors',
-           'qwen3_moe_config_from_hf', 'qwen3_moe_from_hf']
+           'grouped_mm_usable', 'Experts', 'SparseMoE', 'NoisyTopKRouter', 'smooth_load', 'cv_squared',
+           'importance_loss', 'load_loss', 'load_balancing_loss', 'router_z_loss', 'expert_capacity', 'Qwen3MoeConfig',
+           'Qwen3MoeBlock', 'init_moe_weights', 'Qwen3Moe', 'stack_expert_tensors', 'qwen3_moe_config_from_hf',
+           'qwen3_moe_from_hf']
 
 # %% ../notebooks/05_deepseek/01_mixture_of_experts.ipynb #7fc5ec7d
 import math
@@ -207,6 +208,94 @@ class SparseMoE(nn.Module):
         logits, weights, experts = self.gate(x)
         self.router_logits, self.expert_indices = logits, experts
         return self.experts(x, experts, weights).view(shape)
+
+# %% ../notebooks/05_deepseek/01_mixture_of_experts.ipynb #36422c1f
+class NoisyTopKRouter(nn.Module):
+    """Shazeer et al. (2017)'s noisy top-k gating, eqs. 3-5: H(x) = x W_g + N(0, 1) * softplus(x W_noise) in
+    training (no noise in eval), the top_k of H kept, a softmax over the kept logits.
+
+    forward(x) with x (tokens, hidden) returns (logits H (tokens, E), weights (tokens, k), experts (tokens, k)), as
+    TopKRouter does, so it can be a SparseMoE's `gate`. `weight` is W_g and `noise_weight` W_noise, both (E, hidden)
+    and zero at the start, as in the paper. The last forward's clean logits x W_g, noise scales softplus(x W_noise)
+    (None in eval) and H stay in `clean_logits`, `noise_std` and `noisy_logits`, for `smooth_load()`.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int):
+        super().__init__()
+        if hidden_size < 1 or num_experts < 1:
+            raise ValueError(f"NoisyTopKRouter needs hidden_size >= 1 and num_experts >= 1, got "
+                             f"hidden_size={hidden_size}, num_experts={num_experts}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k={top_k} must be between 1 and num_experts={num_experts}")
+        self.top_k = top_k
+        self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size))  # W_g
+        self.noise_weight = nn.Parameter(torch.zeros(num_experts, hidden_size))  # W_noise
+        self.clean_logits: torch.Tensor | None = None
+        self.noise_std: torch.Tensor | None = None
+        self.noisy_logits: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        clean = F.linear(x, self.weight)  # (T, E)
+        if self.training:
+            noise_std = F.softplus(F.linear(x, self.noise_weight))
+            noisy = clean + torch.randn_like(clean) * noise_std  # eq. 4
+        else:
+            noise_std, noisy = None, clean
+        self.clean_logits, self.noise_std, self.noisy_logits = clean, noise_std, noisy
+        kept, experts = noisy.topk(self.top_k, dim=-1)  # KeepTopK: the others would be -inf ...
+        return noisy, kept.softmax(dim=-1), experts  # ... and weigh 0 after the softmax (eq. 3)
+
+    def smooth_load(self) -> torch.Tensor:
+        """P(x, i) (tokens, E) of the last forward pass: see the function smooth_load."""
+        if self.noisy_logits is None:
+            raise RuntimeError("NoisyTopKRouter.smooth_load() needs a forward pass first")
+        return smooth_load(self.clean_logits, self.noisy_logits, self.noise_std, self.top_k)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.weight.shape[0]}, top_k={self.top_k}"
+
+# %% ../notebooks/05_deepseek/01_mixture_of_experts.ipynb #18f54017
+def smooth_load(clean_logits: torch.Tensor, noisy_logits: torch.Tensor, noise_std: torch.Tensor | None,
+                top_k: int) -> torch.Tensor:
+    """Shazeer et al.'s smooth load estimator (Appendix A, eqs. 8-9), (tokens, E): the probability that expert i
+    stays in the top_k when only its own noise is drawn again, the other experts' noisy logits held fixed,
+
+        P(x, i) = Phi((clean_i - kth_excluding(noisy, top_k, i)) / noise_std_i).
+
+    kth_excluding: the top_k-th largest noisy logit among the other experts, which is the (top_k + 1)-th largest
+    of all when i is in the top_k and the top_k-th otherwise. noise_std None (eval, no noise): the 0/1 indicator
+    of the top_k, which has no gradient.
+    """
+    if top_k >= noisy_logits.size(-1):
+        return torch.ones_like(noisy_logits)  # every expert is always chosen
+    top = noisy_logits.topk(top_k + 1, dim=-1).values  # (T, k + 1), largest first
+    kth, next_ = top[:, top_k - 1:top_k], top[:, top_k:]  # the k-th and (k+1)-th largest, (T, 1) each
+    in_top_k = noisy_logits >= kth
+    if noise_std is None:
+        return in_top_k.to(noisy_logits.dtype)
+    threshold = torch.where(in_top_k, next_, kth)  # kth_excluding(H, k, i)
+    return torch.special.ndtr((clean_logits - threshold) / noise_std)  # ndtr: Phi, the standard normal CDF
+
+
+def cv_squared(values: torch.Tensor) -> torch.Tensor:
+    """The squared coefficient of variation, variance / mean^2 (population variance): 0 when all entries are
+    equal, len(values) - 1 when one entry holds everything."""
+    return values.var(unbiased=False) / (values.mean().square() + 1e-10)
+
+
+def importance_loss(router_logits: torch.Tensor, expert_indices: torch.Tensor) -> torch.Tensor:
+    """Shazeer et al.'s CV(Importance)^2 (eqs. 6-7), without the factor w_importance. Importance_i: the sum over
+    the batch of expert i's gate, the softmax over the kept logits. router_logits (tokens, E), the noisy logits H,
+    and expert_indices (tokens, k), the experts kept: what a SparseMoE keeps of its last forward pass."""
+    gates = router_logits.gather(1, expert_indices).softmax(dim=-1)  # (T, k)
+    importance = gates.new_zeros(router_logits.size(-1)).index_add(0, expert_indices.reshape(-1), gates.reshape(-1))
+    return cv_squared(importance)
+
+
+def load_loss(load_probs: torch.Tensor) -> torch.Tensor:
+    """Shazeer et al.'s CV(Load)^2 (eqs. 10-11), without the factor w_load. load_probs (tokens, E): P(x, i) from
+    smooth_load (NoisyTopKRouter.smooth_load() after a forward pass); Load_i is its sum over the tokens."""
+    return cv_squared(load_probs.sum(dim=0))
 
 # %% ../notebooks/05_deepseek/01_mixture_of_experts.ipynb #406d53f6
 def load_balancing_loss(router_logits: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...],

@@ -2,7 +2,8 @@
 
 References: transformers' Qwen3MoeSparseMoeBlock and Qwen3MoeForCausalLM with eager experts (their logits, aux_loss
 and generate), load_balancing_loss_func, and the Switch Transformers router_z_loss_func. Random tiny models, saved
-with save_pretrained (per-expert tensors) and also in the stacked layout; no downloads.
+with save_pretrained (per-expert tensors) and also in the stacked layout; no downloads. Noisy top-k gating
+(Shazeer et al., 2017) has no library reference: direct computations and a Monte Carlo estimate instead.
 """
 
 import json
@@ -24,6 +25,7 @@ from scratchlm.gpt import CheckpointMismatchError, from_hf
 from scratchlm.moe import (
     DISPATCHES,
     Experts,
+    NoisyTopKRouter,
     Qwen3Moe,
     Qwen3MoeConfig,
     SparseMoE,
@@ -34,8 +36,11 @@ from scratchlm.moe import (
     expert_capacity,
     expert_positions,
     grouped_mm_usable,
+    importance_loss,
     load_balancing_loss,
+    load_loss,
     router_z_loss,
+    smooth_load,
 )
 
 
@@ -332,3 +337,102 @@ def test_grouped_mm_is_not_used_for_float64_on_cpu():
     gate_up, down = torch.randn(4, 32, 16, dtype=torch.float64), torch.randn(4, 16, 16, dtype=torch.float64)
     assert not grouped_mm_usable(x, gate_up, down)
     assert grouped_mm_usable(x.float(), gate_up.float(), down.float()) == hasattr(torch.nn.functional, "grouped_mm")
+
+
+@pytest.mark.parametrize("hidden,E,k,problem", [(0, 8, 2, "hidden_size"), (16, 0, 1, "num_experts"),
+                                                (16, 8, 0, "top_k=0"), (16, 8, 9, "top_k=9")])
+def test_noisy_router_rejects_bad_sizes(hidden, E, k, problem):
+    with pytest.raises(ValueError, match=problem):
+        NoisyTopKRouter(hidden, E, k)
+
+
+def noisy_router(T=24, d=16, E=8, k=2, seed=0):
+    torch.manual_seed(seed)
+    router = NoisyTopKRouter(d, E, k).double()
+    with torch.no_grad():
+        router.weight.normal_(0, 0.5)
+        router.noise_weight.normal_(0, 0.5)
+    return router, torch.randn(T, d, dtype=torch.float64)
+
+
+def test_noisy_router_keeps_the_top_k_of_the_noisy_logits_and_softmaxes_them():
+    router, x = noisy_router()
+    torch.manual_seed(1)
+    H, weights, experts = router(x)
+    torch.manual_seed(1)
+    eps = torch.randn(H.shape, dtype=torch.float64)
+    expected_H = x @ router.weight.T + eps * torch.log1p(torch.exp(x @ router.noise_weight.T))
+    torch.testing.assert_close(H, expected_H, rtol=0, atol=1e-12)
+    dense = torch.full_like(H, float("-inf"))
+    for t in range(H.size(0)):  # KeepTopK by a sort, then a softmax over all E: the others weigh 0
+        keep = sorted(range(H.size(1)), key=lambda i: -H[t, i].item())[:2]
+        dense[t, keep] = H[t, keep]
+        assert sorted(keep) == sorted(experts[t].tolist())
+    gates = dense.softmax(-1)
+    torch.testing.assert_close(weights, gates.gather(1, experts), rtol=0, atol=1e-12)
+    assert torch.allclose(gates.sum(-1), torch.ones(H.size(0), dtype=torch.float64))
+
+
+def test_noisy_router_is_deterministic_and_noise_free_in_eval():
+    router, x = noisy_router()
+    router.eval()
+    first, second = router(x), router(x)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    assert torch.equal(first[0], torch.nn.functional.linear(x, router.weight))
+    assert torch.equal(router.smooth_load(), torch.zeros_like(first[0]).scatter(1, first[2], 1.0))
+    router.train()
+    assert not torch.equal(router(x)[0], router(x)[0])
+
+
+def test_smooth_load_is_the_probability_of_staying_in_the_top_k():
+    router, x = noisy_router(T=4, E=5, k=2)
+    H = router(x)[0].detach()
+    P = router.smooth_load().detach()
+    clean, std = router.clean_logits.detach(), router.noise_std.detach()
+    N, g = 20_000, torch.Generator().manual_seed(0)
+    for i in range(5):  # only expert i's noise drawn again
+        h = H.expand(N, 4, 5).clone()
+        h[:, :, i] = clean[:, i] + torch.randn(N, 4, generator=g, dtype=torch.float64) * std[:, i]
+        frequency = (h.topk(2, dim=-1).indices == i).any(-1).double().mean(0)
+        assert ((P[:, i] - frequency).abs() <= 5 * (P[:, i] * (1 - P[:, i]) / N).sqrt() + 1 / N).all()
+
+
+def test_smooth_load_with_every_expert_kept_is_one():
+    lg = torch.randn(5, 3)
+    assert torch.equal(smooth_load(lg, lg, torch.ones(5, 3), 3), torch.ones(5, 3))
+
+
+def test_noisy_gating_losses_are_zero_when_balanced_and_e_minus_one_when_collapsed():
+    E, T = 8, 64
+    balanced = torch.zeros(T, E, dtype=torch.float64)
+    balanced[torch.arange(T), torch.arange(T) % E] = 6.0
+    collapsed = torch.zeros(T, E, dtype=torch.float64)
+    collapsed[:, 0] = 12.0
+    std = torch.full((T, E), 0.7, dtype=torch.float64)
+    for lg, expected in ((balanced, 0.0), (collapsed, E - 1.0)):
+        chosen = lg.topk(1, dim=-1).indices
+        assert importance_loss(lg, chosen).item() == pytest.approx(expected, abs=1e-6)
+        assert load_loss(smooth_load(lg, lg, std, 1)).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_load_loss_trains_the_noise_and_importance_needs_k_above_one():
+    for k in (1, 2):
+        router, x = noisy_router(k=k)
+        logits, _, experts = router(x)
+        params = (router.weight, router.noise_weight)
+        for grad in torch.autograd.grad(load_loss(router.smooth_load()), params, retain_graph=True):
+            assert grad.isfinite().all() and grad.abs().max() > 0
+        for grad in torch.autograd.grad(importance_loss(logits, experts), params):
+            assert (grad.abs().max() > 0) == (k > 1)  # at k = 1 the one kept weight is 1
+
+
+def test_noisy_router_plugs_into_sparse_moe():
+    torch.manual_seed(0)
+    moe = SparseMoE(16, 8, top_k=2, expert_size=8)
+    moe.gate = NoisyTopKRouter(16, 8, 2)
+    y = moe(torch.randn(2, 5, 16))
+    assert y.shape == (2, 5, 16) and moe.expert_indices.shape == (10, 2)
+    assert moe.gate.smooth_load().shape == (10, 8)
+    loss = y.square().sum() + load_loss(moe.gate.smooth_load()) + importance_loss(moe.router_logits, moe.expert_indices)
+    loss.backward()
+    assert moe.gate.noise_weight.grad.abs().max() > 0
