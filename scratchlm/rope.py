@@ -4,7 +4,7 @@
 __all__ = ['LAYOUTS', 'ROPE_TYPES', 'REQUIRED_KEYS', 'OPTIONAL_KEYS', 'check_head_dim', 'default_inv_freq', 'apply_rotary',
            'interleaved_to_half_permutation', 'linear_inv_freq', 'ntk_aware_base', 'dynamic_ntk_base',
            'llama3_inv_freq', 'yarn_inv_freq', 'yarn_attention_factor', 'RopeScaling', 'rope_frequencies',
-           'RotaryEmbedding']
+           'RotaryEmbedding', 'alibi_bias', 'AlibiSelfAttention', 'AlibiGPT']
 
 # %% ../notebooks/04_llama/02_rotary_embeddings.ipynb #6467c018
 import math
@@ -12,6 +12,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import alibi_slopes
+from .gpt import GPT, GPTConfig, check_input_ids
 
 # %% ../notebooks/04_llama/02_rotary_embeddings.ipynb #5592a3c4
 def check_head_dim(head_dim: int) -> None:
@@ -306,3 +310,68 @@ class RotaryEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, base={self.base}, rope_type={self.scaling.rope_type!r}"
+
+# %% ../notebooks/04_llama/02_rotary_embeddings.ipynb #alibi-bias
+def alibi_bias(n_heads: int, T: int, S: int | None = None, device=None) -> torch.Tensor:
+    """ALiBi's attention bias with the causal mask, (n_heads, T, S): -m_h * (i - j) where query i may see
+    key j, -inf where it may not. The T queries are the last T of S positions (S - T cached before them;
+    S = T, the default, without a cache). Add it to the scores (B, n_heads, T, S) before the softmax.
+    """
+    S = T if S is None else S
+    if not 0 <= T <= S:
+        raise ValueError(f"need 0 <= T <= S: {T} queries are the last of S={S} key positions")
+    i = torch.arange(S - T, S, device=device)[:, None]  # the queries' positions
+    j = torch.arange(S, device=device)[None, :]  # the keys' positions
+    bias = alibi_slopes(n_heads).to(device)[:, None, None] * (j - i)  # -m (i - j)
+    return bias.masked_fill(j > i, float("-inf"))
+
+# %% ../notebooks/04_llama/02_rotary_embeddings.ipynb #alibi-model
+class AlibiSelfAttention(nn.Module):
+    """GPT-2's causal self-attention with ALiBi: the same q, k, v and output projections (taken from `attn`,
+    a scratchlm.gpt.CausalSelfAttention), and the head's bias -m_h (i - j) added to every score.
+    Works with a KV cache (scratchlm.generation's protocol)."""
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        self.c_attn, self.c_proj = attn.c_attn, attn.c_proj
+        self.attn_dropout, self.resid_dropout = attn.attn_dropout, attn.resid_dropout
+        self.n_head, self.n_embd, self.dropout, self.layer_idx = attn.n_head, attn.n_embd, attn.dropout, attn.layer_idx
+
+    def bias(self, T: int, S: int, device=None) -> torch.Tensor:
+        """(n_head, T, S) added to the scores; a subclass can change it (a window, other slopes)."""
+        return alibi_bias(self.n_head, T, S, device)
+
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # 3 x (B, nh, T, hs)
+                   for t in self.c_attn(x).split(self.n_embd, dim=2))
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nh, S, hs)
+        mask = self.bias(T, k.size(2), x.device).to(q.dtype)  # (nh, T, S), -inf on keys ahead
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
+
+
+class AlibiGPT(GPT):
+    """Chapter 03's GPT with ALiBi instead of learned positions: no position table, ALiBi in every layer.
+
+    Draws its weights as GPT(config) does under the same seed, then removes `wpe`. config.block_size is
+    only the longest input accepted.
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__(config)
+        del self.transformer["wpe"]  # positions enter through the bias on the scores
+        for block in self.transformer.h:
+            block.attn = AlibiSelfAttention(block.attn)
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters())  # no position table to leave out
+
+    def hidden_states(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
+        start = cache.seq_len if cache is not None else 0
+        check_input_ids(input_ids, start, self.config.block_size)
+        x = self.transformer.drop(self.transformer.wte(input_ids))  # (B, T, C): tokens only
+        for block in self.transformer.h:
+            x = block(x, cache=cache)
+        return self.transformer.ln_f(x)
