@@ -8,6 +8,7 @@ Run it in the course's virtualenv, which `make lab` created: `source .venv/bin/a
     python -m scratchlm train --model llama --profile cpu --out runs/llama-char
     python -m scratchlm train --model deepseek --profile cpu --out runs/deepseek-char
     python -m scratchlm train --out runs/shakespeare-char --resume
+    python -m scratchlm train --model llama --out runs/llama-gc --gradient-checkpointing  # less memory, more time
     torchrun --nproc_per_node=2 -m scratchlm train --model gpt --profile gpu --out runs/ddp   # data-parallel
     python -m scratchlm sample runs/shakespeare-char --prompt "ROMEO:" --max-new-tokens 300 --seed 1
     python -m scratchlm train --model t5 --profile cpu --out runs/t5-numbers   # number-to-words (chapter 07)
@@ -30,7 +31,8 @@ command's options.
 train_translator` at the profile's `translator_config`, the notebook's settings) to write numbers from 0 to
 999,999 in words, prints its exact match on the held-out numbers, and saves a Hugging Face T5 folder
 (config.json, model.safetensors) with its characters (tokenizer.json). `sample` on that folder translates
---prompt, greedily or with --num-beams; a t5 run has no --resume, --stop-at, --compile or torchrun.
+--prompt, greedily or with --num-beams; a t5 run has no --resume, --stop-at, --compile, --gradient-checkpointing or
+torchrun.
 """
 # (for maintainers: this module is hand-written, it has no notebook)
 
@@ -106,6 +108,10 @@ def check_folder_to_write(option: str, path: Path, purpose: str) -> None:
 
 def train(args: argparse.Namespace) -> None:
     check_folder_to_write("--out", Path(args.out), "training writes its checkpoints there")
+    if args.gradient_checkpointing and args.model == "deepseek":
+        raise ValueError("--gradient-checkpointing does not apply to --model deepseek: its forward pass updates the "
+                         "routers' balancing bias, so a block recomputed in the backward pass would route differently "
+                         "from the forward pass; drop --gradient-checkpointing")
     if args.model == "t5":
         train_t5(args)
         return
@@ -126,6 +132,9 @@ def check_t5_train_args(args: argparse.Namespace) -> None:
         if given:
             raise ValueError(f"{option} does not apply to --model t5: its run (a few minutes at cpu) has no "
                              f"intermediate checkpoints; drop {option}")
+    if args.gradient_checkpointing is not None:
+        raise ValueError("--gradient-checkpointing does not apply to --model t5: its training loop "
+                         "(scratchlm.seq2seq.train_translator) is not chapter 03's Trainer; drop --gradient-checkpointing")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("--model t5 trains in one process; run it with `python -m scratchlm`, not torchrun")
     for option, value in (("--steps", args.steps), ("--warmup", args.warmup)):
@@ -250,6 +259,8 @@ def _train(args: argparse.Namespace, parallel_device: str | None) -> None:
         overrides["device"] = parallel_device or args.device
     if args.compile is not None:
         overrides["compile"] = args.compile
+    if args.gradient_checkpointing is not None:
+        overrides["gradient_checkpointing"] = args.gradient_checkpointing
     tokenizer, train_data, val_data = shakespeare_char_data()
     if args.resume:
         if not (out / TRAIN_STATE).is_file():
@@ -577,7 +588,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     defaults = HelpWithDefaults
     t = commands.add_parser("train", help="train a model on TinyShakespeare (characters), or chapter 07's T5 on "
-                            "number-to-words", formatter_class=defaults)
+                            "number-to-words", formatter_class=defaults,
+                            description="Train a chapter's model on TinyShakespeare's characters (or --model t5 on "
+                            "number-to-words) at a profile's settings, saving a checkpoint folder as it goes. "
+                            "--gradient-checkpointing trades time for memory: each block is recomputed in the "
+                            "backward pass instead of keeping its activations.")
     t.add_argument("--model", default="gpt", choices=MODELS, help="which chapter's model (t5: chapter 07's "
                    "encoder-decoder, trained to write numbers in words)")
     t.add_argument("--profile", choices=("ci", "cpu", "gpu"),
@@ -591,6 +606,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="cpu, cuda, cuda:1, ...; none given: cuda when available")
     t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model; none given: on for the gpu profile")
+    t.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep only each block's input in the forward pass and recompute the block in the backward "
+                   "pass: less memory for activations, more time per step (notebook 03_training, section 13); not "
+                   "for deepseek or t5; none given: off (on --resume: as the run was started)")
     t.add_argument("--stop-at", type=int, metavar="STEP", help="stop after this step and save, keeping the "
                    "schedule of the whole run (continue later with --resume); none given: train to the end")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -2,12 +2,13 @@
 
 # %% auto #0
 __all__ = ['DTYPES', 'EMBEDDING_MODULES', 'MODEL_REGISTRY', 'WEIGHTS', 'MODEL_CONFIG', 'TOKENIZER', 'TRAIN_STATE', 'OPTIMIZER',
-           'TrainConfig', 'shakespeare_char_config', 'shakespeare_char_data', 'lr_at', 'configure_optimizer',
-           'next_token_loss', 'accumulate_gradients', 'resolve_device', 'autocast_dtype', 'precision_note',
-           'autocast_context', 'estimate_loss', 'split_loss', 'clip_and_step', 'Trainer', 'process_rank_and_count',
-           'start_data_parallel', 'stop_data_parallel', 'split_batch_across_processes', 'wrap_data_parallel',
-           'mean_over_processes', 'save_weights', 'load_weights', 'build_model', 'check_checkpoint', 'save_tokenizer',
-           'load_tokenizer', 'load_model', 'save_checkpoint', 'resume_checkpoint']
+           'BLOCK_LISTS', 'TrainConfig', 'shakespeare_char_config', 'shakespeare_char_data', 'lr_at',
+           'configure_optimizer', 'next_token_loss', 'accumulate_gradients', 'resolve_device', 'autocast_dtype',
+           'precision_note', 'autocast_context', 'estimate_loss', 'split_loss', 'clip_and_step', 'Trainer',
+           'process_rank_and_count', 'start_data_parallel', 'stop_data_parallel', 'split_batch_across_processes',
+           'wrap_data_parallel', 'mean_over_processes', 'save_weights', 'load_weights', 'build_model',
+           'check_checkpoint', 'save_tokenizer', 'load_tokenizer', 'load_model', 'save_checkpoint', 'resume_checkpoint',
+           'transformer_blocks', 'enable_gradient_checkpointing']
 
 # %% ../notebooks/03_gpt/03_training.ipynb #932b788e
 import importlib
@@ -15,6 +16,7 @@ import json
 import math
 import os
 import time
+import types
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .data import CharTokenizer, by_profile, get_batch, tinyshakespeare, train_val_split
@@ -61,6 +64,8 @@ class TrainConfig:
     dtype: str = "auto"  # "auto": bfloat16 autocast on CUDA (float16 without bf16), float32 on CPU; or a DTYPES name
     compile: bool = False
     seed: int = 1337
+    # memory
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward pass (section 13)
 
     def __post_init__(self):
         for name in ("batch_size", "block_size", "grad_accum_steps", "max_steps", "eval_interval", "eval_iters"):
@@ -306,8 +311,11 @@ class Trainer:
         # float16 needs loss scaling; bfloat16 and float32 do not
         self.scaler = torch.amp.GradScaler(self.device.type) if dtype == torch.float16 else None
         if self.verbose:
-            print(f"precision: {precision_note(dtype)}; torch.compile {'on' if cfg.compile else 'off'}")
+            print(f"precision: {precision_note(dtype)}; torch.compile {'on' if cfg.compile else 'off'}"
+                  + ("; gradient checkpointing on" if cfg.gradient_checkpointing else ""))
         self.model = model.to(self.device)
+        if cfg.gradient_checkpointing:  # section 13: each block recomputes its activations in the backward pass
+            enable_gradient_checkpointing(self.model)
         self.eval_forward = torch.compile(self.model) if cfg.compile else self.model  # saves go through self.model
         self.forward = wrap_data_parallel(self.eval_forward, self.device)  # what training steps call
         self.train_data, self.val_data = train_data, val_data
@@ -640,3 +648,59 @@ def resume_checkpoint(trainer_class: type[Trainer], ckpt_dir: str | Path, train_
         torch.cuda.set_rng_state(rng["cuda"], trainer.device)
     return trainer
 
+
+# %% ../notebooks/03_gpt/03_training.ipynb #31c2f88d
+BLOCK_LISTS = ("h", "layers", "blocks")  # where the course's models keep their blocks: GPT; Llama, DeepSeek, BERT; T5
+
+
+def _checkpointed_forward(block: nn.Module, *args, **kwargs):
+    """A block's own forward, under `checkpoint` in a training pass: only its inputs are kept for backward."""
+    forward = type(block).forward
+    if block.training and torch.is_grad_enabled():
+        return checkpoint(forward, block, *args, use_reentrant=False, **kwargs)
+    return forward(block, *args, **kwargs)  # evaluation, generation: no backward pass, nothing to recompute
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks in `model`'s nn.ModuleLists named in BLOCK_LISTS (GPT's transformer.h, Llama's layers, T5's
+    encoder.blocks and decoder.blocks); a list inside a block already found is not searched again."""
+    blocks, lists = [], []
+    for name, module in model.named_modules():
+        if (isinstance(module, nn.ModuleList) and name.rpartition(".")[2] in BLOCK_LISTS
+                and not any(name.startswith(outer + ".") for outer in lists)):
+            lists.append(name)
+            blocks.extend(module)
+    return blocks
+
+
+def enable_gradient_checkpointing(model: nn.Module, enabled: bool = True) -> int:
+    """Make every transformer block of `model` recompute its activations in the backward pass, in place
+    (`enabled=False` undoes it). Returns the number of blocks.
+
+    Only a forward pass in training mode with gradients on is checkpointed; the weights, their names and the
+    results do not change. Dropout draws the same masks when a block is recomputed: non-reentrant
+    `checkpoint` saves the random state with the inputs and restores it (preserve_rng_state=True).
+    """
+    speed = getattr(getattr(model, "config", None), "bias_update_speed", 0)
+    if speed:
+        raise ValueError(f"{type(model).__name__} updates its routers' balancing bias in every training forward pass "
+                         f"(bias_update_speed={speed}), so a block recomputed in the backward pass would route with "
+                         f"the new bias, not the one the forward pass used: train it without gradient checkpointing, "
+                         f"or with bias_update_speed=0")
+    blocks = transformer_blocks(model)
+    if not blocks:
+        raise ValueError(f"gradient checkpointing found no transformer blocks in {type(model).__name__}: it recomputes "
+                         f"the blocks kept in an nn.ModuleList named {', '.join(BLOCK_LISTS[:-1])} or "
+                         f"{BLOCK_LISTS[-1]} (GPT's transformer.h, Llama's layers); keep the blocks in such a list, "
+                         f"or train without gradient checkpointing")
+    if any(type(block).forward is nn.Module.forward for block in blocks):  # T5: its stacks run the blocks' parts
+        name = next(type(block).__name__ for block in blocks if type(block).forward is nn.Module.forward)
+        raise ValueError(f"{type(model).__name__}'s blocks ({name}) have no forward of their own: the model runs "
+                         f"their parts one by one, so there is no block call to recompute; train it without "
+                         f"gradient checkpointing")
+    for block in blocks:
+        if enabled:
+            block.forward = types.MethodType(_checkpointed_forward, block)  # this block only, not its class
+        else:
+            block.__dict__.pop("forward", None)  # back to the class's forward
+    return len(blocks)

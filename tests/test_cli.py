@@ -161,6 +161,31 @@ def test_deepseek_trains_and_samples_from_the_command_line(tmp_path):
     assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 20 + 1
 
 
+def test_gradient_checkpointing_trains_the_same_run(tmp_path, capsys):
+    """--gradient-checkpointing: each block is recomputed in the backward pass, and the run is the same, loss for loss
+    (two short runs in this process, so at the same thread count)."""
+    runs = {}
+    for flag in ("--no-gradient-checkpointing", "--gradient-checkpointing"):
+        out = tmp_path / flag.strip("-")
+        main(["train", "--profile", "ci", "--steps", "12", "--out", str(out), "--quiet", flag])
+        runs[flag] = json.loads((out / TRAIN_STATE).read_text()), capsys.readouterr().out
+    (plain, plain_log), (checkpointed, log) = runs["--no-gradient-checkpointing"], runs["--gradient-checkpointing"]
+    assert "gradient checkpointing on" in log and "gradient checkpointing" not in plain_log
+    assert checkpointed["train_config"]["gradient_checkpointing"] and not plain["train_config"]["gradient_checkpointing"]
+    assert checkpointed["history"]["train_loss"] == plain["history"]["train_loss"]
+    assert checkpointed["history"]["eval"] == plain["history"]["eval"]
+
+
+def test_gradient_checkpointing_of_deepseek_is_refused_before_any_data(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("scratchlm.train.shakespeare_char_data", fail_if_called("reading the data"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--model", "deepseek", "--profile", "ci", "--out", str(tmp_path / "ds"),
+              "--gradient-checkpointing"])
+    assert exit_info.value.code == 2
+    assert "--gradient-checkpointing does not apply to --model deepseek" in one_error_line(capsys, "train")
+    assert not (tmp_path / "ds").exists()
+
+
 def test_train_log_is_compact_and_says_each_loss_once(trained):
     """The model is one short line (its whole config is in model_config.json), and the last estimates are
     printed once, by the evaluation, not again in the closing line."""
@@ -618,6 +643,7 @@ def test_t5_sample_translates_greedily_and_with_beams(t5_trained, capsys):
     (["--resume"], "--resume does not apply to --model t5"),
     (["--stop-at", "5"], "--stop-at does not apply to --model t5"),
     (["--compile"], "--compile does not apply to --model t5"),
+    (["--gradient-checkpointing"], "--gradient-checkpointing does not apply to --model t5"),
     (["--steps", "0"], "--steps 0: must be at least 1"),
 ])
 def test_t5_train_refuses_options_it_does_not_have_before_training(argv, message, tmp_path, capsys):

@@ -20,6 +20,7 @@ from scratchlm.train import (
     accumulate_gradients,
     build_model,
     configure_optimizer,
+    enable_gradient_checkpointing,
     estimate_loss,
     load_model,
     load_tokenizer,
@@ -419,3 +420,130 @@ def test_compiled_runs_report_their_first_step(shakespeare, monkeypatch, capsys)
     out = capsys.readouterr().out
     assert "torch.compile on" in out and "torch.compile: the first evaluation and step took" in out
     assert 0 < trainer.first_step_seconds < trainer.elapsed + 1e-9
+
+
+# ---------------------------------------------------------------- gradient checkpointing
+def one_step_gradients(model, x, y, seed=0):
+    """Every parameter's gradient after one forward and backward pass from the random state `seed`."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # the same dropout masks each time
+    next_token_loss(model(x), y).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def tiny_model(name):
+    from scratchlm.char_llama import char_llama_config
+    from scratchlm.deepseek import char_deepseek_config
+
+    gpt = dict(TINY_GPT, n_embd=32)
+    config = {"gpt": gpt, "llama": char_llama_config(gpt),
+              "deepseek": {**char_deepseek_config(gpt), "bias_update_speed": 0.0}}[name]
+    torch.manual_seed(0)
+    return build_model(name, config)
+
+
+@pytest.mark.parametrize("name, blocks", [("gpt", 2), ("llama", 2), ("deepseek", 2)])
+def test_gradient_checkpointing_gives_the_same_gradients(name, blocks):
+    """Each block recomputed in backward: bit-for-bit the same gradients (dropout 0.1 in the GPT: the same masks)."""
+    model = tiny_model(name)
+    x, y = torch.randint(0, 65, (3, 16)), torch.randint(0, 65, (3, 16))
+    expected = one_step_gradients(model, x, y)
+    checkpointed = tiny_model(name)  # the same weights (the same seed)
+    assert enable_gradient_checkpointing(checkpointed) == blocks
+    assert checkpointed.state_dict().keys() == model.state_dict().keys()  # checkpoints load as before
+    got = one_step_gradients(checkpointed, x, y)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_gradient_checkpointing_recomputes_only_in_training_and_can_be_undone():
+    model = tiny_model("gpt")
+    x, y = torch.randint(0, 65, (2, 16)), torch.randint(0, 65, (2, 16))
+    runs = []
+    for block in model.transformer.h:  # a block's first layer: a recomputation starts there
+        block.ln_1.register_forward_pre_hook(lambda *_: runs.append(1))
+
+    def block_runs(train: bool, grad: bool) -> int:
+        runs.clear()
+        model.train(train)
+        with torch.set_grad_enabled(grad):
+            loss = next_token_loss(model(x), y)
+        if grad:
+            loss.backward()
+        return len(runs)
+
+    enable_gradient_checkpointing(model)
+    assert block_runs(train=True, grad=True) == 4  # each block again in backward
+    assert block_runs(train=True, grad=False) == 2 and block_runs(train=False, grad=True) == 2
+    enable_gradient_checkpointing(model, enabled=False)
+    assert block_runs(train=True, grad=True) == 2
+
+
+def test_gradient_checkpointing_finds_bert_blocks_and_keeps_its_gradients():
+    from scratchlm.bert import Bert, BertConfig
+
+    torch.manual_seed(0)
+    model = Bert(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=32, max_position_embeddings=16, hidden_dropout_prob=0.1))
+    x, y = torch.randint(0, 50, (2, 10)), torch.randint(0, 50, (2, 10))
+    expected = one_step_gradients(model, x, y)
+    assert enable_gradient_checkpointing(model) == 2
+    got = one_step_gradients(model, x, y)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_gradient_checkpointing_refuses_models_it_cannot_recompute():
+    from scratchlm.char_llama import char_llama_config  # noqa: F401  (registers the models build_model needs)
+    from scratchlm.deepseek import char_deepseek_config
+    from scratchlm.seq2seq import T5, T5Config
+
+    with pytest.raises(ValueError, match="found no transformer blocks in TinyLM.*nn.ModuleList named h, layers or"):
+        enable_gradient_checkpointing(TinyLM())
+    deepseek = build_model("deepseek", char_deepseek_config(dict(TINY_GPT, n_embd=32)))  # bias_update_speed 1e-3
+    with pytest.raises(ValueError, match="updates its routers' balancing bias.*bias_update_speed=0"):
+        enable_gradient_checkpointing(deepseek)
+    t5 = T5(T5Config(vocab_size=20, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2))
+    with pytest.raises(ValueError, match="T5's blocks \\(T5Block\\) have no forward of their own"):
+        enable_gradient_checkpointing(t5)
+    with pytest.raises(ValueError, match="found no transformer blocks"):  # and Trainer says the same, before training
+        Trainer(TinyLM(), tiny_cfg(gradient_checkpointing=True), torch.arange(100) % 65, torch.arange(100) % 65,
+                verbose=False)
+
+
+def test_trainer_with_gradient_checkpointing_trains_the_same_run_and_resumes_with_it(shakespeare, tmp_path, capsys):
+    _, train_data, val_data = shakespeare
+
+    def run(**changes):
+        torch.manual_seed(0)
+        trainer = Trainer(GPT(GPTConfig(**TINY_GPT)), tiny_cfg(**changes), train_data, val_data, model_name="gpt",
+                          model_config=TINY_GPT)
+        return trainer, trainer.fit(progress=False)
+
+    _, plain = run()
+    trainer, checkpointed = run(gradient_checkpointing=True)
+    assert "gradient checkpointing on" in capsys.readouterr().out
+    assert checkpointed == plain  # every loss, gradient norm and evaluation (dropout 0.1: the same masks)
+    trainer.save(tmp_path)
+    resumed = Trainer.from_checkpoint(tmp_path, train_data, val_data, verbose=False)
+    assert resumed.cfg.gradient_checkpointing
+    assert all("forward" in vars(block) for block in resumed.model.transformer.h)  # its blocks recompute again
+
+
+def test_why_deepseek_with_the_bias_update_is_refused():
+    """Forced anyway, the recomputed blocks route with the updated bias: PyTorch's checkpoint finds saved tensors of
+    other shapes (the experts got other tokens) and stops with a CheckpointError."""
+    import types
+
+    from torch.utils.checkpoint import CheckpointError
+
+    from scratchlm.char_llama import char_llama_config  # noqa: F401  (registers the models build_model needs)
+    from scratchlm.deepseek import char_deepseek_config
+    from scratchlm.train import _checkpointed_forward
+
+    torch.manual_seed(0)
+    config = {**char_deepseek_config(dict(TINY_GPT, n_embd=32, block_size=32)), "bias_update_speed": 0.1}  # big steps
+    model = build_model("deepseek", config)
+    for block in model.layers:  # what enable_gradient_checkpointing refuses to do
+        block.forward = types.MethodType(_checkpointed_forward, block)
+    x, y = torch.randint(0, 65, (8, 32)), torch.randint(0, 65, (8, 32))
+    with pytest.raises(CheckpointError, match="different metadata"):
+        next_token_loss(model(x), y).backward()
