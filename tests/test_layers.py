@@ -1,7 +1,7 @@
-"""scratchlm.layers: RMSNorm (Llama and Gemma forms), GatedMLP (SwiGLU, GeGLU), llama_hidden_dim.
+"""scratchlm.layers: RMSNorm (Llama and Gemma forms), GatedMLP (SwiGLU, GeGLU), llama_hidden_dim, DyT.
 
 References: torch's nn.RMSNorm, and transformers' LlamaRMSNorm, Gemma3RMSNorm, LlamaMLP, Gemma3MLP
-built from tiny configs (no downloads).
+built from tiny configs (no downloads); DyT against its formula written with torch ops and torch's gradcheck.
 """
 
 import pytest
@@ -11,7 +11,7 @@ from transformers import Gemma3TextConfig, LlamaConfig
 from transformers.models.gemma3.modeling_gemma3 import Gemma3MLP, Gemma3RMSNorm
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
-from scratchlm.layers import GatedMLP, RMSNorm, llama_hidden_dim
+from scratchlm.layers import DyT, GatedMLP, RMSNorm, llama_hidden_dim
 
 DIM = 48
 
@@ -147,3 +147,58 @@ def test_bad_input_errors():
         RMSNorm(8)(torch.randn(2, 7))
     with pytest.raises(ValueError, match="multiple_of must be positive"):
         llama_hidden_dim(4096, 0)
+
+
+def test_dyt_parameters_and_initial_values():
+    dyt = DyT(DIM)
+    assert {name: tuple(p.shape) for name, p in dyt.named_parameters()} == {"alpha": (1,), "weight": (DIM,), "bias": (DIM,)}
+    assert dyt.alpha.item() == 0.5 and DyT(DIM, alpha_init=2).alpha.item() == 2.0
+    assert torch.equal(dyt.weight, torch.ones(DIM)) and torch.equal(dyt.bias, torch.zeros(DIM))
+
+
+def test_dyt_matches_its_formula(x, random_weight):
+    dyt = DyT(DIM, alpha_init=0.8)
+    bias = torch.linspace(-1, 1, DIM)
+    with torch.no_grad():
+        dyt.weight.copy_(random_weight)
+        dyt.bias.copy_(bias)
+        expected = random_weight * torch.tanh(0.8 * x) + bias
+        torch.testing.assert_close(dyt(x), expected)
+        assert dyt(x).shape == x.shape
+
+
+def test_dyt_gradients_pass_gradcheck():
+    g = torch.Generator().manual_seed(2)
+    dyt = DyT(6, alpha_init=0.7).double()
+    params = {name: (torch.rand(p.shape, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+              for name, p in dyt.named_parameters()}
+    inputs = (torch.randn(2, 3, 6, generator=g, dtype=torch.float64) * 2).requires_grad_()
+
+    def f(inp, alpha, weight, bias):
+        return torch.func.functional_call(dyt, {"alpha": alpha, "weight": weight, "bias": bias}, (inp,))
+
+    assert torch.autograd.gradcheck(f, (inputs, params["alpha"], params["weight"], params["bias"]))
+
+
+def test_dyt_replaces_rmsnorm_and_trains():
+    # swapped into a block's place: the output keeps its shape, and every DyT parameter gets a gradient
+    model = nn.Sequential(nn.Linear(8, 8), DyT(8), nn.Linear(8, 3))
+    model(torch.randn(4, 8)).square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model[1].parameters())
+
+
+@pytest.mark.parametrize("dim", [0, -3, 2.5, "8", True, None])
+def test_dyt_bad_dim(dim):
+    with pytest.raises(ValueError, match="DyT needs an integer dim >= 1"):
+        DyT(dim)
+
+
+@pytest.mark.parametrize("alpha_init", [0.0, -0.5, float("nan"), float("inf"), "0.5", None])
+def test_dyt_bad_alpha_init(alpha_init):
+    with pytest.raises(ValueError, match="DyT needs a positive finite alpha_init"):
+        DyT(8, alpha_init=alpha_init)
+
+
+def test_dyt_wrong_input_width():
+    with pytest.raises(ValueError, match=r"DyT\(dim=8\) got an input whose last dimension is 7"):
+        DyT(8)(torch.randn(2, 7))
