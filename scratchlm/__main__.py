@@ -198,7 +198,7 @@ def sample_t5(args: argparse.Namespace) -> None:
         if value is not None:
             raise ValueError(f"{option} does not apply to a t5 checkpoint: it decodes greedily or with --num-beams; "
                              f"drop {option}")
-    if args.temperature not in (0.0, 0.8):
+    if args.temperature not in (None, 0.0):  # None: not given (a language model's default is 0.8)
         raise ValueError(f"--temperature {args.temperature} does not apply to a t5 checkpoint: it decodes greedily or "
                          f"with --num-beams; drop --temperature")
     prompt = args.prompt.strip().replace(",", "").replace("_", "")
@@ -344,7 +344,8 @@ def sample(args: argparse.Namespace) -> None:
     ids = torch.tensor([tokenizer.encode(prompt)], device=device)  # (1, T)
     torch.manual_seed(args.seed)
     generator = torch.Generator(device).manual_seed(args.seed)
-    out = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+    temperature = 0.8 if args.temperature is None else args.temperature
+    out = generate(model, ids, args.max_new_tokens, temperature=temperature, top_k=args.top_k,
                    top_p=args.top_p, generator=generator)
     print(tokenizer.decode(out[0].tolist()))
 
@@ -621,7 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", default="\\n", help="text to continue; \\n is a newline (a t5 checkpoint: the "
                    "number to write in words, e.g. 4096)")
     s.add_argument("--max-new-tokens", type=int, default=500, help="how many tokens (characters) to add")
-    s.add_argument("--temperature", type=float, default=0.8, help="0 is greedy; higher is more varied")
+    s.add_argument("--temperature", type=float, default=None, help="0 is greedy; higher is more varied; none given: "
+                   "0.8 (a t5 checkpoint decodes greedily and takes no other value)")
     s.add_argument("--top-k", type=int, default=None,
                    help="sample only from the k most likely tokens; none given: off (every character can be drawn)")
     s.add_argument("--top-p", type=float, default=None,

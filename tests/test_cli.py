@@ -122,7 +122,7 @@ def test_help_shows_defaults_and_no_maintainer_notes(capsys):
     with pytest.raises(SystemExit):
         main(["sample", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal width
-    for shown in ("(default: 500)", "(default: 0.8)", "(default: 1337)", "(default: \\n)", "none given: off"):
+    for shown in ("(default: 500)", "none given: 0.8", "(default: 1337)", "(default: \\n)", "none given: off"):
         assert shown in text, shown
     assert build_parser_defaults()["top_k"] is None  # top-k is off unless asked for
 
@@ -666,6 +666,7 @@ def test_t5_train_refuses_an_out_that_holds_a_checkpoint(t5_trained, capsys):
     (["--prompt", "-5"], "a whole number written in digits"),
     (["--prompt", "12", "--top-k", "5"], "--top-k does not apply to a t5 checkpoint"),
     (["--prompt", "12", "--temperature", "1.5"], "--temperature 1.5 does not apply to a t5 checkpoint"),
+    (["--prompt", "12", "--temperature", "0.8"], "--temperature 0.8 does not apply to a t5 checkpoint"),
     (["--prompt", "12", "--num-beams", "0"], "--num-beams 0"),
 ])
 def test_t5_sample_bad_options_are_one_line(argv, message, t5_trained, capsys):
