@@ -20,10 +20,11 @@ _ENTRY_POINTS = {
 
 # modules that register models: Hugging Face architectures with `scratchlm.gpt.register_architecture`
 # (`from_hf` imports them all before it looks up a checkpoint's `model_type`), and trainable models in
-# `scratchlm.train.MODEL_REGISTRY` (`build_model` imports them when it meets a name it does not know).
+# `scratchlm.train.MODEL_REGISTRY` (`build_model` imports them when it meets a name it does not know), and
+# optimizers in `scratchlm.train.OPTIMIZERS` (`make_optimizer` does the same: "muon" from scratchlm.speedrun).
 # A chapter that adds a model adds its module here.
-MODEL_MODULES = ("scratchlm.gpt", "scratchlm.llama", "scratchlm.char_llama", "scratchlm.moe", "scratchlm.deepseek",
-                 "scratchlm.bert", "scratchlm.seq2seq")
+MODEL_MODULES = ("scratchlm.gpt", "scratchlm.llama", "scratchlm.char_llama", "scratchlm.speedrun", "scratchlm.moe",
+                 "scratchlm.deepseek", "scratchlm.bert", "scratchlm.seq2seq")
 
 __all__ = sorted(_ENTRY_POINTS)
 
