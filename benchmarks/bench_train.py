@@ -4,6 +4,7 @@
     python benchmarks/bench_train.py --nanogpt ~/src/nanoGPT # also nanoGPT's own code, one after the other
     python benchmarks/bench_train.py --steps 200              # a quick run (the schedule shrinks to 200 steps)
     python benchmarks/bench_train.py --only-variants          # only part 4: bfloat16 and torch.compile
+    python benchmarks/bench_train.py --nanogpt ~/src/nanoGPT --only-speedrun  # only nanoGPT against part 5
 
 1. Where the time of one training step goes: forward, backward, the optimizer (a loop over the tensors,
    `foreach`, or `fused`, which the trainer uses) and clipping, in milliseconds.
@@ -19,6 +20,10 @@
 4. The same training step in float32 eager mode, bfloat16 autocast and `torch.compile`, and the time of
    each one's first step: for `torch.compile` that is its start-up cost, compilation included, measured
    with an empty compile cache (as on a new machine) unless `--warm-compile-cache`.
+5. With `--nanogpt DIR`: the speedrun recipe of notebook 04_llama/08_speedrun, run to its own end as a learner
+   runs it, `python -m scratchlm train --model speedrun --profile cpu`, in a fresh process with one thread after
+   nanoGPT's: its wall time from launch to exit against nanoGPT's (both whole runs, start-up, evaluations and
+   checkpoints included), and its loss on the whole validation split, which the command prints.
 Run it with one thread (`make bench` sets OMP_NUM_THREADS=1) on an otherwise idle machine.
 """
 
@@ -152,6 +157,17 @@ def nanogpt_run(folder: Path) -> dict:
             "whole_split": split_loss(model, val_data, args["block_size"])}
 
 
+def speedrun_run() -> dict:
+    """`python -m scratchlm train --model speedrun --profile cpu` in a fresh process: seconds from launch to exit."""
+    out_dir = Path(tempfile.mkdtemp(prefix="speedrun-")) / "run"
+    seconds, log = timed_process([sys.executable, "-m", "scratchlm", "train", "--model", "speedrun", "--profile", "cpu",
+                                  "--out", str(out_dir), "--quiet"])
+    found = re.search(r"trained to step (\d+) in \d+ s: val loss on the whole split ([\d.]+)", log)
+    if not found:
+        raise RuntimeError(f"could not read the speedrun's result from its output:\n{log[-2000:]}")
+    return {"seconds": seconds, "steps": int(found[1]), "whole_split": float(found[2])}
+
+
 def step_throughput(steps: int = 40, warmup: int = 5, **changes) -> tuple[float, float]:
     """(tokens per second of `steps` training steps after `warmup` untimed ones, seconds of the first step).
 
@@ -179,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warm-compile-cache", action="store_true",
                         help="let torch.compile reuse its on-disk cache from earlier runs (default: an empty cache, "
                              "so the first step shows the whole compilation)")
+    parser.add_argument("--only-speedrun", action="store_true",
+                        help="with --nanogpt: run only nanoGPT and the speedrun recipe (part 5), not parts 1, 2 and 4")
     parser.add_argument("--child", type=float, help=argparse.SUPPRESS)  # the timed run in its own process: launch time
     args = parser.parse_args([] if argv is None else argv)
     if args.child:
@@ -192,8 +210,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.only_variants:
         variants()
         return
-    step_profile()
+    if args.only_speedrun and not args.nanogpt:
+        parser.error("--only-speedrun compares with nanoGPT: give --nanogpt DIR (or set NANOGPT_DIR)")
+    if not args.only_speedrun:
+        step_profile()
     nano = nanogpt_run(Path(args.nanogpt).expanduser()) if args.nanogpt else None
+    if args.only_speedrun:
+        report_speedrun(nano)
+        return
     _, stdout = timed_process([sys.executable, str(Path(__file__).resolve()), "--child", repr(time.time()),
                                "--steps", str(args.steps)])
     run = json.loads(stdout.strip().splitlines()[-1])
@@ -217,10 +241,24 @@ def main(argv: list[str] | None = None) -> None:
             print(f"time to <= {TARGET}: scratchlm {reached['seconds']:.1f} s = {reached['seconds'] / nano['seconds']:.2f}x "
                   f"nanoGPT's whole run (which ends at {nano['whole_split']:.4f}); whole runs: "
                   f"{seconds / nano['seconds']:.2f}x")
+    if nano:
+        report_speedrun(nano)
     if args.no_variants:
         return
 
     variants()
+
+
+def report_speedrun(nano: dict) -> None:
+    """Part 5: the speedrun recipe's whole run, in a fresh process, against nanoGPT's whole run."""
+    run = speedrun_run()
+    print(f"\nnanoGPT's train.py, README CPU recipe: {nano['seconds']:.1f} s from launch to exit, its model at step "
+          f"{nano['saved_at']}: {nano['whole_split']:.4f} on the whole validation split")
+    print(f"the speedrun recipe (python -m scratchlm train --model speedrun --profile cpu): {run['steps']} steps, "
+          f"{run['seconds']:.1f} s from launch to exit, {run['whole_split']:.4f} on the whole validation split")
+    verdict = "reaches" if run["whole_split"] <= TARGET else "does not reach"
+    print(f"whole runs: speedrun / nanoGPT = {run['seconds'] / nano['seconds']:.2f}x; the speedrun {verdict} "
+          f"<= {TARGET} on the whole split")
 
 
 def variants() -> None:

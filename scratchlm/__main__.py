@@ -7,6 +7,7 @@ Run it in the course's virtualenv, which `make lab` created: `source .venv/bin/a
     python -m scratchlm train --model gpt --profile cpu --out runs/shakespeare-char
     python -m scratchlm train --model llama --profile cpu --out runs/llama-char
     python -m scratchlm train --model deepseek --profile cpu --out runs/deepseek-char
+    python -m scratchlm train --model speedrun --profile cpu --out runs/speedrun   # Muon + the speedrun's changes
     python -m scratchlm train --out runs/shakespeare-char --resume
     python -m scratchlm train --model llama --out runs/llama-gc --gradient-checkpointing  # less memory, more time
     torchrun --nproc_per_node=2 -m scratchlm train --model gpt --profile gpu --out runs/ddp   # data-parallel
@@ -19,7 +20,8 @@ Run it in the course's virtualenv, which `make lab` created: `source .venv/bin/a
 
 Training uses the same code and settings as notebook 03_gpt/03_training (`scratchlm.train`,
 `shakespeare_char_config`; for `--model llama`, the size-matched Llama of 04_llama/05_llama_vs_gpt; for
-`--model deepseek`, the DeepSeek-style model of 05_deepseek/05_deepseek_v3, with that Llama's active parameters)
+`--model deepseek`, the DeepSeek-style model of 05_deepseek/05_deepseek_v3, with that Llama's active parameters;
+for `--model speedrun`, the recipe of 04_llama/08_speedrun: its own model, Muon and schedule, `speedrun_config`)
 and saves a checkpoint folder every evaluation and at the end; the folder holds the tokenizer, so
 sampling needs no data file. Launched by `torchrun --nproc_per_node=N`, `train` runs data-parallel on N
 processes (NCCL on CUDA, gloo on CPU; section 10 of 03_training). `chat` talks with SmolLM2-135M-Instruct,
@@ -45,8 +47,9 @@ from pathlib import Path
 # the models the command line can train: chapter 03's GPT, chapter 04's Llama of the same size
 # (notebook 04_llama/05_llama_vs_gpt) and chapter 05's DeepSeek with that Llama's active parameters
 # (notebook 05_deepseek/05_deepseek_v3), scratchlm.train.MODEL_REGISTRY says how to build each; and chapter 07's
-# T5 (notebook 07_encoders/03_encoder_decoder), trained on number-to-words by scratchlm.seq2seq, not on Shakespeare
-MODELS = ("gpt", "llama", "deepseek", "t5")
+# T5 (notebook 07_encoders/03_encoder_decoder), trained on number-to-words by scratchlm.seq2seq, not on Shakespeare;
+# "speedrun" is chapter 04's speedrun recipe (notebook 04_llama/08_speedrun), with its own TrainConfig
+MODELS = ("gpt", "llama", "deepseek", "speedrun", "t5")
 # the rows of chapter 06's table, as scratchlm.align.METHODS lists them (tests/test_cli.py checks they agree)
 ALIGN_METHODS = ("sft", "sft_verified", "sft_chosen", "rft", "online_rft", "dpo", "cdpo", "ipo", "ppo", "ppo_checker",
                  "grpo")
@@ -286,6 +289,10 @@ def _train(args: argparse.Namespace, parallel_device: str | None) -> None:
             from scratchlm.deepseek import char_deepseek_config
 
             model_config = char_deepseek_config(model_config)
+        elif args.model == "speedrun":  # the recipe's own model and training settings (Muon, wsd schedule)
+            from scratchlm.speedrun import speedrun_config
+
+            model_config, cfg = speedrun_config(profile, tokenizer.vocab_size)
         if args.steps is not None and args.warmup is None:
             # the profile's warmup is a fraction of its run (100 of 2000 steps at cpu): keep that fraction
             overrides["warmup_steps"] = round(cfg.warmup_steps * args.steps / cfg.max_steps)
