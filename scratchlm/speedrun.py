@@ -28,12 +28,10 @@ def muon_param_groups(model: nn.Module, muon_lr: float, lr: float, weight_decay:
     if not (muon_lr > 0 and lr > 0):
         raise ValueError(f"muon_lr and lr must be positive, got muon_lr={muon_lr}, lr={lr}")
     in_blocks = {id(p) for block in transformer_blocks(model) for p in block.parameters()}
-    matrices, rest, seen = [], [], set()
-    for p in model.parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (matrices if p.dim() == 2 and id(p) in in_blocks else rest).append(p)
+    matrices, rest = [], []
+    for p in model.parameters():  # each shared parameter once (a tied head is the embedding)
+        if p.requires_grad:
+            (matrices if p.dim() == 2 and id(p) in in_blocks else rest).append(p)
     return [{"params": matrices, "lr_scale": muon_lr / lr, "weight_decay": weight_decay},
             {"params": rest, "adamw": True, "weight_decay": 0.0}]
 
